@@ -217,21 +217,21 @@ def load_tokenizer(model_name: str, tokenizer_name: str | None, cache_dir: str |
 # Sharding: one ordered table of rules, Megatron-style column and row parallel over the model axis
 # ---------------------------------------------------------------------------------------------------
 
-# Matched against "/"-joined parameter paths; the first match wins. Stacked layer parameters have a
-# leading layer axis, never split. Column-parallel kernels split their outputs (and biases), the
-# row-parallel kernel after them splits its inputs, so each block needs one all-reduce.
+# Matched against "/"-joined parameter paths; the first match wins. Column-parallel kernels split their
+# outputs (and biases), the row-parallel kernel after them splits its inputs, so each block needs one
+# all-reduce.
 PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"^embed_tokens/embedding$", P(MODEL_AXIS, None)),  # vocabulary-parallel; the tied LM head too
     (r"^lm_head/kernel$", P(None, MODEL_AXIS)),
     (r"^embed_positions/embedding$", P()),
     (r"^project_(in|out)/kernel$", P()),
-    (r"^layers/(self_attn/[qkv]_proj|fc1)/kernel$", P(None, None, MODEL_AXIS)),
-    (r"^layers/(self_attn/[qkv]_proj|fc1)/bias$", P(None, MODEL_AXIS)),
-    (r"^layers/(self_attn/out_proj|fc2)/kernel$", P(None, MODEL_AXIS, None)),
-    (r"^layers/(self_attn/out_proj|fc2)/bias$", P()),
-    (r"^(layers/)?(self_attn_layer_norm|final_layer_norm)/(scale|bias)$", P()),
+    (r"^layers_\d+/(self_attn/[qkv]_proj|fc1)/kernel$", P(None, MODEL_AXIS)),
+    (r"^layers_\d+/(self_attn/[qkv]_proj|fc1)/bias$", P(MODEL_AXIS)),
+    (r"^layers_\d+/(self_attn/out_proj|fc2)/kernel$", P(MODEL_AXIS, None)),
+    (r"^layers_\d+/(self_attn/out_proj|fc2)/bias$", P()),
+    (r"^(layers_\d+/)?(self_attn_layer_norm|final_layer_norm)/(scale|bias)$", P()),
 )
-KV_CACHE_SPEC = P(None, None, None, MODEL_AXIS, None)  # [L, B, C, H, Dh]: heads split like q/k/v
+KV_CACHE_SPEC = P(None, MODEL_AXIS, None, None)  # [B, H, C, Dh] per layer: heads split like q/k/v
 
 
 def path_name(path: Sequence[Any]) -> str:
@@ -269,7 +269,10 @@ def abstract_params(model: OPTForCausalLM) -> Any:
 def _init_params(model: OPTForCausalLM, key: jax.Array) -> Any:
     cache = KVCache.zeros(model.config, 1, 1, model.dtype)
     one = jnp.zeros((1,), jnp.int32)
-    return model.init(key, jnp.zeros((1, 1), jnp.int32), cache, one, one)["params"]
+    params = model.init(key, jnp.zeros((1, 1), jnp.int32), cache, one, one)["params"]
+    if model.config.tie_word_embeddings:
+        params["lm_head"]["kernel"] = params["embed_tokens"]["embedding"].T
+    return params
 
 
 def random_params(model: OPTForCausalLM, mesh: Mesh, seed: int = 0) -> Any:
@@ -392,25 +395,21 @@ def open_checkpoint(folder: Path) -> TensorSource:
 
 @dataclasses.dataclass(frozen=True)
 class TensorPlan:
-    """Where one of our parameters comes from: PyTorch tensor names (one per layer when stacked)."""
+    """Where one of our parameters comes from in a transformers checkpoint."""
 
-    names: tuple[str, ...]
+    name: str
     transpose: bool  # nn.Linear stores [out, in]; our Dense kernels are [in, out]
-    stacked: bool
 
 
 def tensor_plan(name: str, config: OPTConfig) -> TensorPlan:
-    """Maps one of our parameter paths (e.g. "layers/fc1/kernel") to the checkpoint tensors."""
+    """Maps one of our parameter paths (e.g. "layers_3/fc1/kernel") to its checkpoint tensor."""
+    if name == "lm_head/kernel" and config.tie_word_embeddings:
+        return TensorPlan("decoder.embed_tokens.weight", transpose=True)
     *modules, leaf = name.split("/")
-    torch_leaf = "bias" if leaf == "bias" else "weight"
+    torch_name = ".".join([*modules, "bias" if leaf == "bias" else "weight"])
+    torch_name = re.sub(r"^layers_(\d+)\.", r"layers.\1.", torch_name)
     transpose = leaf == "kernel"
-    if modules == ["lm_head"]:
-        return TensorPlan(("lm_head.weight",), transpose, False)
-    if modules[0] == "layers":
-        sub = ".".join(modules[1:])
-        names = tuple(f"decoder.layers.{i}.{sub}.{torch_leaf}" for i in range(config.num_hidden_layers))
-        return TensorPlan(names, transpose, True)
-    return TensorPlan((f"decoder.{'.'.join(modules)}.{torch_leaf}",), transpose, False)
+    return TensorPlan(torch_name if modules == ["lm_head"] else f"decoder.{torch_name}", transpose)
 
 
 def _source_shape(source: TensorSource, name: str, transpose: bool) -> tuple[int, ...]:
@@ -422,14 +421,13 @@ def check_checkpoint(source: TensorSource, plans: Mapping[str, TensorPlan], expe
     """Every tensor exists with the shape the config implies; the error names the first that does not."""
     available = source.names()
     for ours, plan in plans.items():
-        want = tuple(expected[ours].shape)[1:] if plan.stacked else tuple(expected[ours].shape)
-        for name in plan.names:
-            if name not in available:
-                raise KeyError(f"checkpoint has no tensor {name!r} (needed for {ours})")
-            got = _source_shape(source, name, plan.transpose)
-            if got != want:
-                raise ValueError(f"checkpoint tensor {name!r} has shape {got} (as {ours}), expected {want}")
-    used = {n for plan in plans.values() for n in plan.names}
+        want = tuple(expected[ours].shape)
+        if plan.name not in available:
+            raise KeyError(f"checkpoint has no tensor {plan.name!r} (needed for {ours})")
+        got = _source_shape(source, plan.name, plan.transpose)
+        if got != want:
+            raise ValueError(f"checkpoint tensor {plan.name!r} has shape {got} (as {ours}), expected {want}")
+    used = {plan.name for plan in plans.values()}
     ignored = sorted(available - used - {"lm_head.weight", "decoder.version"})
     if ignored:
         LOGGER.warning("checkpoint tensors not used by this config: %s", ignored[:10])
@@ -437,16 +435,9 @@ def check_checkpoint(source: TensorSource, plans: Mapping[str, TensorPlan], expe
 
 def _read_shard(source: TensorSource, plan: TensorPlan, index: tuple[slice, ...], dtype: Any) -> np.ndarray:
     """The part `index` of one of our parameters, read from the checkpoint without the rest of it."""
-
-    def one(name: str, idx: tuple[slice, ...]) -> np.ndarray:
-        if plan.transpose:
-            return source.read(name, idx[::-1]).T
-        return source.read(name, idx)
-
-    if not plan.stacked:
-        return one(plan.names[0], index).astype(dtype)
-    layers = range(len(plan.names))[index[0]]
-    return np.stack([one(plan.names[i], index[1:]) for i in layers]).astype(dtype)
+    if plan.transpose:
+        return source.read(plan.name, index[::-1]).T.astype(dtype)
+    return source.read(plan.name, index).astype(dtype)
 
 
 def load_params(folder: Path, model: OPTForCausalLM, mesh: Mesh) -> Any:
