@@ -103,6 +103,21 @@ def _hub_weight_patterns(repo_files: Sequence[str]) -> list[str]:
     raise FileNotFoundError(f"the repository has no weights in a known format; files: {sorted(repo_files)}")
 
 
+def _check_hub_reachable(timeout: float = 3.0) -> None:
+    """Fails fast when the hub cannot be reached (huggingface_hub would retry for about a minute)."""
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise ConnectionError("HF_HUB_OFFLINE is set")
+    endpoint = urlparse(huggingface_hub.constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+        pass
+
+
 def model_dir(model_name: str, cache_dir: str | None, *, weights: bool = True) -> Path:
     """A local folder holding the model's config (and weights): `model_name` itself, or its hub download.
 
@@ -119,6 +134,7 @@ def model_dir(model_name: str, cache_dir: str | None, *, weights: bool = True) -
     lock = filelock.FileLock(str(cache / f"{model_name.replace('/', '--')}.lock"))
     with lock:
         try:
+            _check_hub_reachable()
             files = huggingface_hub.list_repo_files(model_name)
             patterns = ["config.json", *TOKENIZER_FILES, *(_hub_weight_patterns(files) if weights else [])]
             return Path(huggingface_hub.snapshot_download(model_name, cache_dir=str(cache), allow_patterns=patterns))
