@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from typing import Any, Sequence
@@ -81,6 +82,12 @@ def wait_until_ready(client: Any, timeout: float) -> None:
         time.sleep(0.5)
 
 
+def server_error(message: str, verbose: bool) -> str:
+    """The problem the server named: PyTriton wraps it in the server's traceback, which --verbose keeps."""
+    named = re.findall(r"PyTriton\w*Error: (.+)", message)
+    return message if verbose or not named else named[-1]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -89,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         outputs = infer(args.server_url, [args.input], [args.output_length], args.timeout)
     except InferenceServerException as error:
-        print(f"error: {error.message()}", file=sys.stderr)
+        print(f"error: {server_error(error.message() or str(error), args.verbose)}", file=sys.stderr)
         return 1
     except TimeoutError as error:
         print(f"error: {error}", file=sys.stderr)

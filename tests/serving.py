@@ -1,0 +1,136 @@
+"""Starting and stopping real `python server.py` processes for end-to-end tests (loopback only)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@dataclasses.dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"grpc://127.0.0.1:{self.grpc_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def group(self) -> list[psutil.Process]:
+        """Every live process of the server's session (it runs in a session of its own)."""
+        found = []
+        for p in psutil.process_iter(["pid"]):
+            try:
+                if os.getsid(p.pid) == self.process.pid:
+                    found.append(p)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                continue
+        return found
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Sends `sig`, waits for the exit status; whatever outlives it is killed (and reported by `group`)."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+            raise AssertionError(f"server did not stop within {timeout} s after {signal.Signals(sig).name}")
+
+    def kill_group(self) -> None:
+        for p in self.group():
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+
+def start_server(tmp: Path, cache_dir: Path, *extra: str, model: str = "random/tiny") -> ServerProcess:
+    http, grpc, metrics = free_ports(3)
+    log_path = tmp / f"server-{http}.log"
+    command = [
+        sys.executable, str(ROOT / "server.py"), "--model-name", model, "--cache-dir", str(cache_dir),
+        "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+        "--bind-address", "127.0.0.1", "--exit-timeout", "3", *extra,
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+    return ServerProcess(process, http, grpc, metrics, log_path)
+
+
+def wait_ready(server: ServerProcess, timeout: float = 300) -> None:
+    """Waits until Triton reports the model ready; fails with the log if the server dies first."""
+    import tritonclient.http as httpclient
+
+    deadline = time.monotonic() + timeout
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    try:
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                raise AssertionError(f"server exited with {server.process.returncode}:\n{server.log()[-5000:]}")
+            try:
+                if client.is_model_ready("OPT"):
+                    return
+            except Exception:
+                pass
+            time.sleep(0.5)
+    finally:
+        client.close()
+    raise AssertionError(f"server not ready after {timeout} s:\n{server.log()[-5000:]}")
+
+
+def infer(url: str, prompts: Sequence[bytes | str], lengths: Sequence[int], timeout: float = 120) -> list[str]:
+    """One Triton request (HTTP or gRPC by the URL's scheme) with one row per prompt."""
+    grpc = url.startswith("grpc://")
+    if grpc:
+        import tritonclient.grpc as client_lib
+    else:
+        import tritonclient.http as client_lib
+    address = url.split("://", 1)[1]
+    data = np.array([[p.encode("utf-8") if isinstance(p, str) else p] for p in prompts], dtype=object)
+    lengths_array = np.array([[n] for n in lengths], dtype=np.int64)
+    inputs = [client_lib.InferInput("input", list(data.shape), "BYTES"),
+              client_lib.InferInput("output_length", list(lengths_array.shape), "INT64")]
+    inputs[0].set_data_from_numpy(data)
+    inputs[1].set_data_from_numpy(lengths_array)
+    if grpc:
+        client = client_lib.InferenceServerClient(address)
+        result = client.infer("OPT", inputs, client_timeout=timeout)
+    else:
+        client = client_lib.InferenceServerClient(address, network_timeout=timeout)
+        result = client.infer("OPT", inputs)
+    client.close()
+    return [row[0].decode("utf-8") for row in result.as_numpy("output")]

@@ -1,0 +1,128 @@
+"""End to end: a real `python server.py` (PyTriton + Triton) on loopback, called by client.py and tritonclient."""
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from serving import ROOT, ServerProcess, infer, start_server, wait_ready
+
+# Eight prompts of different lengths (the longest spans two 64-token prefill chunks) and output lengths.
+MIXED_PROMPTS = [
+    "The capital of Poland is",
+    "Hi",
+    "Once upon a time, in a land far away, there lived a",
+    "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40",
+    "Zażółć gęślą jaźń — unicode works",
+    "def fibonacci(n):",
+    "A",
+    "The quick brown fox jumps over the lazy dog. " * 3,
+]
+MIXED_LENGTHS = [16, 1, 7, 24, 3, 12, 30, 5]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One compilation cache for every server of the session, so later starts load programs."""
+    return tmp_path_factory.mktemp("opt-cache")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path):
+    tmp = tmp_path_factory.mktemp("server")
+    srv = start_server(tmp, cache_dir, "--max-batch-size", "8", "--model-instances", "3", "--max-cache-tokens", "8192")
+    try:
+        wait_ready(srv)
+        yield srv
+    finally:
+        srv.stop()
+        srv.kill_group()
+
+
+def run_client(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "client.py"), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_client_prints_the_prompt_followed_by_generated_text(server: ServerProcess):
+    result = run_client("--server-url", server.http_url, "--input", "The capital of Poland is", "--output-length", "16")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("output: ['The capital of Poland is"), result.stdout
+    text = eval(result.stdout[len("output: "):])[0]  # the printed Python list literal
+    assert len(text) > len("The capital of Poland is")
+
+
+def test_client_over_grpc_gives_the_same_text_as_over_http(server: ServerProcess):
+    args = ("--input", "Once upon a time", "--output-length", "12")
+    over_http = run_client("--server-url", server.http_url, *args)
+    over_grpc = run_client("--server-url", server.grpc_url, *args)
+    assert over_http.returncode == 0 and over_grpc.returncode == 0, over_http.stderr + over_grpc.stderr
+    assert over_http.stdout == over_grpc.stdout
+
+
+def test_mixed_batch_rows_equal_the_single_requests(server: ServerProcess):
+    batched = infer(server.http_url, MIXED_PROMPTS, MIXED_LENGTHS)
+    singles = [infer(server.grpc_url, [p], [n])[0] for p, n in zip(MIXED_PROMPTS, MIXED_LENGTHS)]
+    assert batched == singles
+    for prompt, text in zip(MIXED_PROMPTS, batched):
+        assert text.startswith(prompt)
+
+
+def test_concurrent_requests_are_batched_without_changing_their_text(server: ServerProcess):
+    singles = [infer(server.http_url, [p], [n])[0] for p, n in zip(MIXED_PROMPTS, MIXED_LENGTHS)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        url = lambda i: server.grpc_url if i % 2 else server.http_url
+        futures = [pool.submit(infer, url(i), [p], [n]) for i, (p, n) in enumerate(zip(MIXED_PROMPTS, MIXED_LENGTHS))]
+        concurrent_texts = [f.result()[0] for f in futures]
+    assert concurrent_texts == singles
+
+
+@pytest.mark.parametrize(
+    "prompt, length, message",
+    [
+        (b"", 4, "input is empty"),
+        (b"\xff\xfe not utf-8", 4, "not valid UTF-8"),
+        (b"Hello", 0, "output_length must be at least 1, got 0"),
+        (b"Hello", -5, "output_length must be at least 1, got -5"),
+        (b"Hello", 2048, "exceeds the model's 2048 positions"),
+        (b"Hello", 10**12, "exceeds the model's 2048 positions"),
+    ],
+)
+def test_bad_request_gets_an_error_naming_the_problem_and_the_server_keeps_serving(
+    server: ServerProcess, prompt: bytes, length: int, message: str
+):
+    for url in (server.http_url, server.grpc_url):
+        with pytest.raises(InferenceServerException, match=message):
+            infer(url, [prompt], [length])
+    assert infer(server.http_url, ["Still serving"], [3])[0].startswith("Still serving")
+
+
+def test_a_bad_row_fails_its_own_request_while_a_concurrent_good_request_succeeds(server: ServerProcess):
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        good = pool.submit(infer, server.http_url, ["Good request"], [20])
+        bad = pool.submit(infer, server.grpc_url, ["fine row", ""], [4, 4])
+        with pytest.raises(InferenceServerException, match="row 1: input is empty"):
+            bad.result()
+        assert good.result()[0].startswith("Good request")
+
+
+def test_client_reports_a_bad_request_as_an_error(server: ServerProcess):
+    result = run_client("--server-url", server.http_url, "--input", "Hello", "--output-length", "0")
+    assert result.returncode == 1
+    assert "output_length must be at least 1" in result.stderr
+
+
+def test_sigterm_stops_the_server_cleanly_leaving_no_process(tmp_path: Path, cache_dir: Path):
+    srv = start_server(tmp_path, cache_dir, "--max-batch-size", "2", "--model-instances", "2", "--max-cache-tokens", "4096")
+    try:
+        wait_ready(srv)
+        assert infer(srv.http_url, ["Before stopping"], [2])[0].startswith("Before stopping")
+        assert srv.stop(signal.SIGTERM, timeout=60) == 0
+        assert srv.group() == [], f"left behind: {[p.cmdline() for p in srv.group()]}"
+        assert "stopped" in srv.log()
+    finally:
+        srv.kill_group()
