@@ -6,6 +6,7 @@ compiled once per (batch, cache length) bucket and reused, so a request never tr
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -664,15 +665,18 @@ class Generator:
         self._programs["decode", batch, length] = decode.lower(params, a["cache"], a["state"]).compile()
 
     def warm_up(self, shapes: Sequence[tuple[int, int]] | None = None) -> float:
-        """Compiles every bucket's programs (from the persistent cache when it has them); returns seconds."""
+        """Compiles every bucket's programs (from the persistent cache when it has them); returns seconds.
+
+        Shapes compile in parallel threads: XLA compiles without holding the GIL.
+        """
         begin = time.perf_counter()
-        shapes = list(shapes) if shapes is not None else self.buckets.shapes()
-        for i, (batch, length) in enumerate(shapes):
-            if ("decode", batch, length) not in self._programs:
-                self._compile(batch, length)
-            LOGGER.debug("compiled batch %d x cache %d (%d/%d)", batch, length, i + 1, len(shapes))
+        todo = [s for s in (shapes if shapes is not None else self.buckets.shapes())
+                if ("decode", *s) not in self._programs]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for done, _ in enumerate(pool.map(lambda shape: self._compile(*shape), todo), start=1):
+                LOGGER.debug("compiled %d/%d shapes", done, len(todo))
         took = time.perf_counter() - begin
-        LOGGER.info("warm-up: %d shapes compiled in %.1f s", len(shapes), took)
+        LOGGER.info("warm-up: %d shapes (batch x cache length) compiled in %.1f s", len(todo), took)
         return took
 
     def _program(self, kind: str, batch: int, length: int) -> Any:

@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Generated tokens/s and time to first token, for the generation alone and through the server.
+
+    python benchmarks/benchmark.py --model-name random/125M --batch-size 8 --prompt-length 32 --output-length 64
+
+"Generation alone" calls opt_utils.Generator in this process. "Through the server" starts
+`server.py` with the same model and settings on loopback ports (after the direct runs, so the two
+never share the CPU), sends the same batch as one Triton request and compares its latency with the
+direct generation of the same tokens. Every prompt is `prompt-length` tokens (OPT's BOS included)
+and random weights rarely emit EOS, so each row generates `output-length` tokens; the script counts
+the tokens actually generated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-name", default="random/125M")
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--prompt-length", type=int, default=32, help="prompt tokens per row, BOS included")
+    parser.add_argument("--output-length", type=int, default=64, help="tokens generated per row")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs (after one untimed run)")
+    parser.add_argument("--number-of-gpus", type=int, default=1)
+    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "opt-jax"))
+    parser.add_argument("--skip-server", action="store_true", help="measure the generation alone")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    return parser.parse_args()
+
+
+def prompt_text(prompt_length: int) -> str:
+    # " hello" is one token in GPT-2's and OPT's byte-level BPE; the tokenizer adds BOS in front.
+    return "hello" + " hello" * (prompt_length - 2)
+
+
+def direct(args: argparse.Namespace) -> dict:
+    """Times opt_utils.Generator on the batch; returns tokens/s, time to first token and the token count."""
+    import jax
+    import jax.numpy as jnp
+
+    import opt_utils
+    from modeling_flax_opt import OPTForCausalLM
+
+    opt_utils.enable_compilation_cache(args.cache_dir)
+    config = opt_utils.model_config(args.model_name, args.cache_dir)
+    mesh = opt_utils.make_mesh(jax.local_devices()[: args.number_of_gpus], config)
+    model = OPTForCausalLM(config, jnp.dtype(args.dtype))
+    params = (opt_utils.random_params(model, mesh) if opt_utils.is_random(args.model_name)
+              else opt_utils.load_params(opt_utils.model_dir(args.model_name, args.cache_dir), model, mesh))
+    tokenizer = opt_utils.load_tokenizer(args.model_name, None, args.cache_dir, config)
+    tokens = tuple(tokenizer.encode(prompt_text(args.prompt_length)))
+    assert len(tokens) == args.prompt_length, (len(tokens), args.prompt_length)
+    buckets = opt_utils.Buckets.make(max_batch_size=args.batch_size, max_positions=config.max_position_embeddings)
+    generator = opt_utils.Generator(model=model, params=params, mesh=mesh, buckets=buckets)
+    requests = [opt_utils.Request(tokens, args.output_length)] * args.batch_size
+    chunk = buckets.chunk
+    shape = (buckets.batch_size(args.batch_size), buckets.cache_length(requests[0].positions_needed(chunk)))
+    compile_s = generator.warm_up([shape])
+    generator.generate(requests)
+    runs = [generator.generate(requests) for _ in range(args.repeats)]
+    generated = sum(len(row) for row in runs[0].tokens)
+    total = statistics.median(r.total_time for r in runs)
+    return {
+        "tokens": generated,
+        "tokens_per_s": generated / total,
+        "ttft_s": statistics.median(r.time_to_first_token for r in runs),
+        "latency_s": total,
+        "compile_s": compile_s,
+        "device": str(jax.devices()[0].device_kind),
+    }
+
+
+def through_server(args: argparse.Namespace, generated: int) -> dict:
+    """Starts server.py, sends the batch as one request `repeats` times; returns latency and tokens/s."""
+    from serving import infer, start_server, wait_ready
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start_server(
+            Path(tmp), Path(args.cache_dir), "--dtype", args.dtype, "--max-batch-size", str(args.batch_size),
+            "--number-of-gpus", str(args.number_of_gpus), model=args.model_name,
+        )
+        try:
+            begin = time.perf_counter()
+            wait_ready(server, timeout=1800)
+            ready_s = time.perf_counter() - begin
+            prompts = [prompt_text(args.prompt_length)] * args.batch_size
+            lengths = [args.output_length] * args.batch_size
+            infer(server.http_url, prompts, lengths, timeout=600)
+            latencies = []
+            for _ in range(args.repeats):
+                begin = time.perf_counter()
+                infer(server.http_url, prompts, lengths, timeout=600)
+                latencies.append(time.perf_counter() - begin)
+        finally:
+            server.stop()
+            server.kill_group()
+    latency = statistics.median(latencies)
+    return {"latency_s": latency, "tokens_per_s": generated / latency, "ready_s": ready_s}
+
+
+def main() -> int:
+    args = parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    alone = direct(args)
+    result = {"model": args.model_name, "dtype": args.dtype, "batch": args.batch_size,
+              "prompt": args.prompt_length, "output": args.output_length, "alone": alone}
+    if not args.skip_server:
+        served = through_server(args, alone["tokens"])
+        served["overhead"] = served["latency_s"] / alone["latency_s"] - 1
+        result["server"] = served
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{args.model_name} {args.dtype} on {alone['device']}: batch {args.batch_size}, "
+          f"prompt {args.prompt_length}, output {args.output_length}")
+    print(f"  generation alone : {alone['tokens_per_s']:8.1f} tokens/s, first token {alone['ttft_s'] * 1e3:7.1f} ms, "
+          f"batch {alone['latency_s']:.3f} s (compile {alone['compile_s']:.1f} s)")
+    if "server" in result:
+        s = result["server"]
+        print(f"  through server   : {s['tokens_per_s']:8.1f} tokens/s, request {s['latency_s']:.3f} s "
+              f"({s['overhead'] * 100:+.1f}% over the generation alone; server ready in {s['ready_s']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
