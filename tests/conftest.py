@@ -1,7 +1,10 @@
-"""Shared test setup: the repository root on the import path, and JAX on the CPU unless told otherwise."""
+"""Shared test setup: the repository root on the import path, JAX on the CPU with two simulated devices."""
 import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before anything imports jax
+# Before anything imports jax: CPU unless told otherwise, and two host devices for the sharding tests.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

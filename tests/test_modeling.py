@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from modeling_flax_opt import KVCache, OPTConfig
 from opt_reference import VARIANTS, hf_logits, hf_model, load_ours
@@ -23,14 +25,17 @@ class Pair:
     hf: Any
     config: OPTConfig
     params: Any
-    run: Callable[..., tuple[jax.Array, KVCache]]  # (tokens, cache, start, last) -> (logits, cache)
+    run: Callable[..., tuple[jax.Array, KVCache]]  # (params, tokens, cache, start, last) -> (logits, cache)
+    replicated: NamedSharding
 
     def cache(self, batch: int) -> KVCache:
         return KVCache.zeros(self.config, batch, CACHE, jnp.float32)
 
     def logits(self, tokens: np.ndarray, cache: KVCache, start: list[int], last: list[int]) -> tuple[np.ndarray, KVCache]:
-        i32 = lambda x: jnp.asarray(x, jnp.int32)
-        logits, cache = self.run(self.params, i32(tokens), cache, i32(start), i32(last))
+        # Everything placed alike, so that a fresh cache and a returned one hit the same compiled program.
+        put = lambda x: jax.device_put(x, self.replicated)
+        i32 = lambda x: put(np.asarray(x, np.int32))
+        logits, cache = self.run(self.params, i32(tokens), put(cache), i32(start), i32(last))
         return np.asarray(logits), cache
 
 
@@ -41,7 +46,8 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     hf.save_pretrained(folder)
     model, params = load_ours(folder)
     run = jax.jit(lambda p, tokens, cache, start, last: model.apply({"params": p}, tokens, cache, start, last))
-    return Pair(hf, model.config, params, run)
+    replicated = NamedSharding(jax.tree_util.tree_leaves(params)[0].sharding.mesh, P())
+    return Pair(hf, model.config, params, run, replicated)
 
 
 def tokens_for(config: OPTConfig, rows: int, length: int, seed: int = 0) -> np.ndarray:
