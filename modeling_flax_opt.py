@@ -1,15 +1,19 @@
 """Meta's OPT decoder in Flax (linen), stored and computed in one dtype (float16 by default).
 
 The network and nothing else: no requests, no ranks, no Triton. One call runs T new tokens per row
-through every layer against a key/value cache and returns the logits of one chosen token per row plus
-the cache with the new keys and values written in place:
+through every layer against a key/value cache, writes their keys and values into cache columns
+`column .. column+T-1` (the same columns for every row) and returns the logits of the last token:
 
-    logits, cache = model.apply({"params": params}, tokens, cache, start, last)
+    logits, cache = model.apply({"params": params}, tokens, cache, column, first_valid)
 
-    tokens: [B, T] int32  the new tokens of each row (right-padded; pad positions are computed and ignored)
-    cache:  KVCache       k, v: L arrays of [B, H, C, Dh], valid for positions < start of each row
-    start:  [B] int32     the row's number of tokens already in the cache, i.e. the position of tokens[:, 0]
-    last:   [B] int32     which of the T tokens gives the row's logits (the row's last real token)
+    tokens:      [B, T] int32  the new tokens; rows are left-padded, so every row's newest token is last
+    cache:       KVCache       k, v: L arrays of [B, H, C, Dh]
+    column:      [] int32      the cache column of tokens[:, 0]
+    first_valid: [B] int32     each row's first real column: columns before it hold padding, never read
+
+A row's position (for OPT's learned position embeddings) is its column minus `first_valid`. Writing
+every row at one common column is a `dynamic_update_slice`, done in place; per-row positions needed a
+scatter, which XLA:CPU ran at half the speed of the whole rest of a decode step.
 
 The same program serves prefill (T = chunk) and decode (T = 1). Layers are unrolled, each with its own
 parameters and cache arrays: under `nn.scan` XLA:CPU copied every layer's weights out of the stacked
@@ -141,24 +145,21 @@ def _layer_norm(config: OPTConfig, dtype: Any, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=dtype, use_bias=affine, use_scale=affine, name=name)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, past_k: jax.Array, past_v: jax.Array, start: jax.Array) -> jax.Array:
-    """Softmax attention of T new queries over the row's cached keys and the new keys up to themselves.
+def attend(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, column: jax.Array, first_valid: jax.Array) -> jax.Array:
+    """Softmax attention of T new queries over the row's cache columns, the new ones up to themselves.
 
-    q, k, v: [B, H, T, Dh] (q already scaled); past_k, past_v: [B, H, C, Dh]; start: [B].
-    Returns [B, H, T, Dh].
+    q: [B, H, T, Dh] (already scaled), for columns column..column+T-1; cache_k, cache_v: [B, H, C, Dh]
+    with the new keys and values already written; first_valid: [B]. Returns [B, H, T, Dh].
+    Padding queries get finite garbage (they attend to at least their own column).
     """
-    T, C = q.shape[2], past_k.shape[2]
-    neg = jnp.finfo(jnp.float32).min
-    past_scores = jnp.einsum("bhtd,bhcd->bhtc", q, past_k, preferred_element_type=jnp.float32)
-    past_valid = jnp.arange(C)[None, :] < start[:, None]  # [B, C]
-    past_scores = jnp.where(past_valid[:, None, None, :], past_scores, neg)
-    new_scores = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
-    causal = jnp.tril(jnp.ones((T, T), bool))
-    new_scores = jnp.where(causal, new_scores, neg)
-    probs = jax.nn.softmax(jnp.concatenate([past_scores, new_scores], axis=-1), axis=-1).astype(q.dtype)
-    past_probs, new_probs = probs[..., :C], probs[..., C:]
-    out = jnp.einsum("bhtc,bhcd->bhtd", past_probs, past_v) + jnp.einsum("bhts,bhsd->bhtd", new_probs, v)
-    return out.astype(q.dtype)
+    T, C = q.shape[2], cache_k.shape[2]
+    scores = jnp.einsum("bhtd,bhcd->bhtc", q, cache_k, preferred_element_type=jnp.float32)
+    cols = jnp.arange(C)[None, None, :]  # [1, 1, C]
+    query_cols = (column + jnp.arange(T))[None, :, None]  # [1, T, 1]
+    valid = (cols >= first_valid[:, None, None]) & (cols <= query_cols)  # [B, T, C]
+    scores = jnp.where(valid[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bhtc,bhcd->bhtd", probs, cache_v).astype(q.dtype)
 
 
 class OPTAttention(nn.Module):
@@ -167,9 +168,10 @@ class OPTAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, past_k: jax.Array, past_v: jax.Array, start: jax.Array
+        self, x: jax.Array, cache_k: jax.Array, cache_v: jax.Array, column: jax.Array, first_valid: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        # x: [B, T, D] -> out [B, T, D], new keys and values [B, H, T, Dh]
+        # x: [B, T, D]; cache_k, cache_v: [B, H, C, Dh] -> out [B, T, D] and the cache with the T new columns.
+        # Writing before attending leaves no reader of the old cache, so XLA updates it in place.
         cfg = self.config
         B, T, D = x.shape
         heads = lambda y: y.reshape(B, T, cfg.num_attention_heads, cfg.head_dim).transpose(0, 2, 1, 3)
@@ -178,8 +180,10 @@ class OPTAttention(nn.Module):
         q = heads(_dense(D, bias, self.dtype, "q_proj")(x) * (cfg.head_dim**-0.5))
         k = heads(_dense(D, bias, self.dtype, "k_proj")(x))
         v = heads(_dense(D, bias, self.dtype, "v_proj")(x))
-        out = attend(q, k, v, past_k, past_v, start).transpose(0, 2, 1, 3).reshape(B, T, D)
-        return _dense(D, bias, self.dtype, "out_proj")(out), k, v
+        cache_k = write_cache(cache_k, k, column)
+        cache_v = write_cache(cache_v, v, column)
+        out = attend(q, cache_k, cache_v, column, first_valid).transpose(0, 2, 1, 3).reshape(B, T, D)
+        return _dense(D, bias, self.dtype, "out_proj")(out), cache_k, cache_v
 
 
 class OPTDecoderLayer(nn.Module):
@@ -188,16 +192,16 @@ class OPTDecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, past_k: jax.Array, past_v: jax.Array, start: jax.Array
+        self, x: jax.Array, cache_k: jax.Array, cache_v: jax.Array, column: jax.Array, first_valid: jax.Array
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        # x: [B, T, D]; past_k, past_v: [B, H, C, Dh] (this layer's cache)
+        # x: [B, T, D]; cache_k, cache_v: [B, H, C, Dh] (this layer's) -> x, the cache with T new columns
         cfg = self.config
         pre = cfg.do_layer_norm_before
         attn_norm = _layer_norm(cfg, self.dtype, "self_attn_layer_norm")
         ffn_norm = _layer_norm(cfg, self.dtype, "final_layer_norm")
 
         h = attn_norm(x) if pre else x
-        h, k, v = OPTAttention(cfg, self.dtype, name="self_attn")(h, past_k, past_v, start)
+        h, cache_k, cache_v = OPTAttention(cfg, self.dtype, name="self_attn")(h, cache_k, cache_v, column, first_valid)
         x = x + h
         x = x if pre else attn_norm(x)
 
@@ -207,7 +211,7 @@ class OPTDecoderLayer(nn.Module):
         h = _dense(cfg.hidden_size, cfg.enable_bias, self.dtype, "fc2")(h)
         x = x + h
         x = x if pre else ffn_norm(x)
-        return x, (k, v)
+        return x, (cache_k, cache_v)
 
 
 class OPTForCausalLM(nn.Module):
@@ -232,25 +236,24 @@ class OPTForCausalLM(nn.Module):
         self.layers = [OPTDecoderLayer(cfg, self.dtype, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
 
     def __call__(
-        self, tokens: jax.Array, cache: KVCache, start: jax.Array, last: jax.Array
+        self, tokens: jax.Array, cache: KVCache, column: jax.Array, first_valid: jax.Array
     ) -> tuple[jax.Array, KVCache]:
-        # tokens: [B, T]; start, last: [B] -> logits [B, V] (float32), cache with the T new entries written
+        # tokens: [B, T]; column: []; first_valid: [B] -> logits [B, V] (float32) of tokens[:, -1], new cache
         cfg = self.config
         T = tokens.shape[1]
-        positions = start[:, None] + jnp.arange(T, dtype=start.dtype)[None, :]  # [B, T]
+        columns = column + jnp.arange(T, dtype=jnp.int32)  # [T]
+        # Padding columns (before first_valid) get position 0: garbage but finite, and never attended to.
+        positions = jnp.clip(columns[None, :] - first_valid[:, None], 0, cfg.max_position_embeddings - 1)
         x = self.embed_tokens(tokens)
         if cfg.has_projections:
             x = self.project_in(x)
-        # Pad positions past the table (chunk padding) are clamped: garbage but finite, and never read.
-        table_positions = jnp.minimum(positions, cfg.max_position_embeddings - 1) + POSITION_OFFSET
-        x = x + self.embed_positions(table_positions)
+        x = x + self.embed_positions(positions + POSITION_OFFSET)
         keys, values = [], []
-        for layer, past_k, past_v in zip(self.layers, cache.k, cache.v):
-            x, (k, v) = layer(x, past_k, past_v, start)
-            keys.append(write_cache(past_k, k, positions))
-            values.append(write_cache(past_v, v, positions))
-        x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # [B, D]
-        return self.logits(x), KVCache(k=tuple(keys), v=tuple(values))
+        for layer, cache_k, cache_v in zip(self.layers, cache.k, cache.v):
+            x, (cache_k, cache_v) = layer(x, cache_k, cache_v, column, first_valid)
+            keys.append(cache_k)
+            values.append(cache_v)
+        return self.logits(x[:, -1]), KVCache(k=tuple(keys), v=tuple(values))
 
     def logits(self, x: jax.Array) -> jax.Array:
         """[B, D] final hidden states -> [B, V] float32 logits."""
@@ -262,11 +265,9 @@ class OPTForCausalLM(nn.Module):
         return self.lm_head(x).astype(jnp.float32)
 
 
-def write_cache(past: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Writes new [B, H, T, Dh] entries into one layer's [B, H, C, Dh] cache at each row's positions [B, T].
+def write_cache(past: jax.Array, new: jax.Array, column: jax.Array) -> jax.Array:
+    """Writes new [B, H, T, Dh] entries into one layer's [B, H, C, Dh] cache at columns column..column+T-1.
 
-    Positions past the cache are dropped (only chunk padding lands there).
+    The caller keeps column + T <= C (dynamic_update_slice would move a write that runs past the end).
     """
-    rows = jnp.arange(positions.shape[0])[:, None]  # [B, 1]
-    # Indices on axes 0 and 2 with a slice between them select [B, T, H, Dh].
-    return past.at[rows, :, positions].set(new.transpose(0, 2, 1, 3).astype(past.dtype), mode="drop")
+    return jax.lax.dynamic_update_slice(past, new.astype(past.dtype), (0, 0, column, 0))

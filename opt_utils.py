@@ -285,8 +285,7 @@ def abstract_params(model: OPTForCausalLM) -> Any:
 
 def _init_params(model: OPTForCausalLM, key: jax.Array) -> Any:
     cache = KVCache.zeros(model.config, 1, 1, model.dtype)
-    one = jnp.zeros((1,), jnp.int32)
-    params = model.init(key, jnp.zeros((1, 1), jnp.int32), cache, one, one)["params"]
+    params = model.init(key, jnp.zeros((1, 1), jnp.int32), cache, jnp.int32(0), jnp.zeros((1,), jnp.int32))["params"]
     if model.config.tie_word_embeddings:
         params["lm_head"]["kernel"] = params["embed_tokens"]["embedding"].T
     return params
@@ -502,7 +501,8 @@ class DecodeState:
     """What a decode step carries from one token to the next, for every row of the batch."""
 
     tokens: jax.Array  # [B] int32: each row's newest token, not yet in the cache
-    position: jax.Array  # [B] int32: where that token goes in the cache
+    column: jax.Array  # [] int32: the cache column those tokens go to (the same for every row)
+    first_valid: jax.Array  # [B] int32: each row's first real cache column (left padding before it)
     remaining: jax.Array  # [B] int32: tokens the row may still generate
     done: jax.Array  # [B] bool: finished (EOS or its output length); frozen from then on
 
@@ -512,34 +512,29 @@ def greedy(logits: jax.Array) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
+# (params, tokens [B, T], cache, column [], first_valid [B]) -> (logits [B, V] of tokens[:, -1], cache)
 ModelFn = Callable[[Any, jax.Array, KVCache, jax.Array, jax.Array], tuple[jax.Array, KVCache]]
 
 
 def prefill_chunk(
-    model: ModelFn, params: Any, cache: KVCache, tokens: jax.Array, offset: jax.Array, lengths: jax.Array, first: jax.Array
+    model: ModelFn, params: Any, cache: KVCache, tokens: jax.Array, column: jax.Array, first_valid: jax.Array
 ) -> tuple[KVCache, jax.Array]:
-    """Runs one chunk of every prompt into the cache; rows whose last prompt token is in it get their first token.
+    """Runs one chunk of the left-padded prompts into cache columns column..column+T-1.
 
-    tokens: [B, T] (positions offset .. offset+T-1); offset: [] int32; lengths: [B] prompt lengths;
-    first: [B] each row's first generated token so far. Returns the cache and the updated `first`.
+    tokens: [B, T]; column: []; first_valid: [B]. Returns the cache and [B] the token that follows the
+    chunk, which is each row's first generated token when the chunk is the prompts' last.
     """
-    T = tokens.shape[1]
-    start = jnp.full(lengths.shape, offset, jnp.int32)
-    last = jnp.clip(lengths - 1 - offset, 0, T - 1)
-    logits, cache = model(params, tokens, cache, start, last)
-    ends_here = (lengths - 1 >= offset) & (lengths - 1 < offset + T)
-    return cache, jnp.where(ends_here, greedy(logits), first)
+    logits, cache = model(params, tokens, cache, column, first_valid)
+    return cache, greedy(logits)
 
 
 def decode_step(model: ModelFn, params: Any, cache: KVCache, state: DecodeState, eos_id: int) -> tuple[KVCache, DecodeState]:
-    """One new token for every unfinished row; finished rows keep their position and produce nothing."""
-    zero = jnp.zeros_like(state.position)
-    logits, cache = model(params, state.tokens[:, None], cache, state.position, zero)
+    """One new token for every unfinished row; finished rows repeat their last token, which nobody reads."""
+    logits, cache = model(params, state.tokens[:, None], cache, state.column, state.first_valid)
     new = jnp.where(state.done, state.tokens, greedy(logits))
     remaining = state.remaining - (~state.done).astype(jnp.int32)
     done = state.done | (new == eos_id) | (remaining <= 0)
-    position = jnp.where(state.done, state.position, state.position + 1)
-    return cache, DecodeState(tokens=new, position=position, remaining=remaining, done=done)
+    return cache, state.replace(tokens=new, column=state.column + 1, remaining=remaining, done=done)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -547,7 +542,7 @@ class Buckets:
     """The shapes programs are compiled for: batch sizes, cache lengths, and the prefill chunk."""
 
     batch_sizes: tuple[int, ...]  # ascending; the last is the largest batch run at once
-    cache_lengths: tuple[int, ...]  # ascending; the last is the model's position limit
+    cache_lengths: tuple[int, ...]  # ascending; the last holds any request the model's positions allow
     chunk: int  # prompt tokens per prefill call
     max_cache_tokens: int  # batch x cache length never exceeds this (bounds KV memory)
 
@@ -557,18 +552,20 @@ class Buckets:
         powers = lambda lo, hi: [2**i for i in range(int(math.log2(lo)), int(math.ceil(math.log2(hi))) + 1)]
         batches = sorted({min(b, max_batch_size) for b in powers(1, max_batch_size)})
         chunk = min(chunk, max_positions)
-        lengths = sorted({min(c, max_positions) for c in powers(max(2 * chunk, 128), max_positions)} | {max_positions})
-        lengths = [c for c in lengths if c >= chunk]
-        if lengths[-1] > max_cache_tokens:
-            raise ValueError(f"max_cache_tokens {max_cache_tokens} is below one full-length sequence ({lengths[-1]})")
+        # A prompt padded up to whole chunks plus its output can need up to chunk - 1 columns more than
+        # the model's positions, so the longest cache is max_positions + chunk.
+        longest = max_positions + chunk
+        lengths = [c for c in powers(max(2 * chunk, 128), longest) if c < max_positions] + [longest]
+        if longest > max_cache_tokens:
+            raise ValueError(f"max_cache_tokens {max_cache_tokens} is below one full-length sequence ({longest})")
         return cls(tuple(batches), tuple(lengths), chunk, max_cache_tokens)
 
     def cache_length(self, needed: int) -> int:
-        """The smallest cache length holding `needed` positions."""
+        """The smallest cache length holding `needed` columns."""
         for c in self.cache_lengths:
             if c >= needed:
                 return c
-        raise ValueError(f"{needed} positions exceed the largest cache length {self.cache_lengths[-1]}")
+        raise ValueError(f"{needed} cache columns exceed the largest cache length {self.cache_lengths[-1]}")
 
     def batch_size(self, rows: int) -> int:
         return next(b for b in self.batch_sizes if b >= rows)
@@ -582,6 +579,14 @@ class Buckets:
         """Every (batch, cache length) pair a request can need: the warm-up set."""
         return [(b, c) for c in self.cache_lengths for b in self.batch_sizes if b * c <= self.max_cache_tokens]
 
+    def padded_prompt(self, requests: Sequence["Request"]) -> int:
+        """Prompt columns of a batch: its longest prompt rounded up to whole chunks."""
+        return -(-max(len(r.tokens) for r in requests) // self.chunk) * self.chunk
+
+    def columns_needed(self, requests: Sequence["Request"]) -> int:
+        """Cache columns a batch needs: the padded prompts, then every token fed back (all but the last)."""
+        return self.padded_prompt(requests) + max(r.max_new_tokens for r in requests) - 1
+
 
 @dataclasses.dataclass(frozen=True)
 class Request:
@@ -590,23 +595,17 @@ class Request:
     tokens: tuple[int, ...]
     max_new_tokens: int
 
-    def positions_needed(self, chunk: int) -> int:
-        # The prefill writes whole chunks, so the cache must reach the end of the last chunk too.
-        padded = -(-len(self.tokens) // chunk) * chunk
-        return max(len(self.tokens) + self.max_new_tokens, padded)
-
 
 def plan_batches(requests: Sequence[Request], buckets: Buckets) -> list[list[int]]:
     """Splits requests into groups that fit a batch bucket and the KV budget, similar lengths together."""
-    order = sorted(range(len(requests)), key=lambda i: requests[i].positions_needed(buckets.chunk))
+    alone = lambda i: buckets.columns_needed([requests[i]])
     groups: list[list[int]] = []
-    for i in order:
-        need = requests[i].positions_needed(buckets.chunk)
+    for i in sorted(range(len(requests)), key=alone):
         if groups:
-            group = groups[-1]
-            length = buckets.cache_length(max(need, *(requests[j].positions_needed(buckets.chunk) for j in group)))
-            if len(group) < buckets.max_rows(length):
-                group.append(i)
+            grown = [requests[j] for j in groups[-1]] + [requests[i]]
+            need = buckets.columns_needed(grown)
+            if need <= buckets.cache_lengths[-1] and len(grown) <= buckets.max_rows(buckets.cache_length(need)):
+                groups[-1].append(i)
                 continue
         groups.append([i])
     return groups
@@ -637,31 +636,32 @@ class Generator:
         self._cache_sharding = NamedSharding(mesh, KV_CACHE_SPEC)
 
     # -- compilation -------------------------------------------------------------------------------
-    def _apply(self, params: Any, tokens: jax.Array, cache: KVCache, start: jax.Array, last: jax.Array):
-        return self.model.apply({"params": params}, tokens, cache, start, last)
+    def _apply(self, params: Any, tokens: jax.Array, cache: KVCache, column: jax.Array, first_valid: jax.Array):
+        return self.model.apply({"params": params}, tokens, cache, column, first_valid)
 
     def _abstract(self, batch: int, length: int) -> dict[str, Any]:
         rep, i32 = self._replicated, jnp.int32
         vec = lambda dtype=i32: jax.ShapeDtypeStruct((batch,), dtype, sharding=rep)
+        scalar = jax.ShapeDtypeStruct((), i32, sharding=rep)
         cache = jax.eval_shape(lambda: KVCache.zeros(self.config, batch, length, self.model.dtype))
         cache = jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._cache_sharding), cache
         )
-        state = DecodeState(tokens=vec(), position=vec(), remaining=vec(), done=vec(jnp.bool_))
+        state = DecodeState(tokens=vec(), column=scalar, first_valid=vec(), remaining=vec(), done=vec(jnp.bool_))
         tokens = jax.ShapeDtypeStruct((batch, self.buckets.chunk), i32, sharding=rep)
-        offset = jax.ShapeDtypeStruct((), i32, sharding=rep)
-        return dict(cache=cache, state=state, tokens=tokens, offset=offset, lengths=vec(), first=vec())
+        return dict(cache=cache, state=state, tokens=tokens, column=scalar, first_valid=vec())
 
     def _compile(self, batch: int, length: int) -> None:
         a = self._abstract(batch, length)
         params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params)
         cfg, dtype, cache_sharding = self.config, self.model.dtype, self._cache_sharding
-        alloc = jax.jit(lambda: KVCache.zeros(cfg, batch, length, dtype), out_shardings=KVCache(cache_sharding, cache_sharding))
-        prefill = jax.jit(lambda p, c, t, o, n, f: prefill_chunk(self._apply, p, c, t, o, n, f), donate_argnums=1)
+        alloc = jax.jit(lambda: KVCache.zeros(cfg, batch, length, dtype), out_shardings=jax.tree_util.tree_map(
+            lambda _: cache_sharding, a["cache"]))
+        prefill = jax.jit(lambda p, c, t, col, fv: prefill_chunk(self._apply, p, c, t, col, fv), donate_argnums=1)
         decode = jax.jit(lambda p, c, s: decode_step(self._apply, p, c, s, cfg.eos_token_id), donate_argnums=1)
         self._programs["alloc", batch, length] = alloc.lower().compile()
         self._programs["prefill", batch, length] = prefill.lower(
-            params, a["cache"], a["tokens"], a["offset"], a["lengths"], a["first"]).compile()
+            params, a["cache"], a["tokens"], a["column"], a["first_valid"]).compile()
         self._programs["decode", batch, length] = decode.lower(params, a["cache"], a["state"]).compile()
 
     def warm_up(self, shapes: Sequence[tuple[int, int]] | None = None) -> float:
@@ -703,43 +703,41 @@ class Generator:
 
     def _generate_group(self, requests: Sequence[Request]) -> tuple[list[list[int]], float]:
         chunk = self.buckets.chunk
-        length = self.buckets.cache_length(max(r.positions_needed(chunk) for r in requests))
+        length = self.buckets.cache_length(self.buckets.columns_needed(requests))
         batch = self.buckets.batch_size(len(requests))
-        prompt_len = max(-(-len(r.tokens) // chunk) * chunk for r in requests)
+        prompt_len = self.buckets.padded_prompt(requests)
+        # Prompts are left-padded so that every row's last prompt token sits in the last column.
         # Rows past the real requests hold one pad token and generate one token nobody reads.
         tokens = np.full((batch, prompt_len), self.config.pad_token_id, np.int32)
-        lengths = np.ones((batch,), np.int32)
+        first_valid = np.full((batch,), prompt_len - 1, np.int32)
         budget = np.ones((batch,), np.int32)
         for row, r in enumerate(requests):
-            tokens[row, : len(r.tokens)] = r.tokens
-            lengths[row], budget[row] = len(r.tokens), r.max_new_tokens
+            first_valid[row] = prompt_len - len(r.tokens)
+            tokens[row, first_valid[row]:] = r.tokens
+            budget[row] = r.max_new_tokens
 
         cache = self._program("alloc", batch, length)()
-        first = self._put(np.zeros((batch,), np.int32))
-        device_lengths = self._put(lengths)
+        device_first_valid = self._put(first_valid)
         prefill = self._program("prefill", batch, length)
-        for offset in range(0, prompt_len, chunk):
-            chunk_tokens = self._put(tokens[:, offset : offset + chunk])
-            cache, first = prefill(self.params, cache, chunk_tokens, self._put(np.int32(offset)), device_lengths, first)
+        for column in range(0, prompt_len, chunk):
+            chunk_tokens = self._put(tokens[:, column : column + chunk])
+            cache, first = prefill(self.params, cache, chunk_tokens, self._put(np.int32(column)), device_first_valid)
         first_host = np.asarray(jax.device_get(first))
         ttft = time.perf_counter()
-        steps = self._decode(cache, batch, length, first_host, lengths, budget)
+        state = DecodeState(
+            tokens=first, column=self._put(np.int32(prompt_len)), first_valid=device_first_valid,
+            remaining=self._put(budget - 1), done=self._put((first_host == self.config.eos_token_id) | (budget <= 1)),
+        )
+        steps = self._decode(cache, batch, length, state, int(budget.max()) - 1)
         rows = [self._row_tokens(first_host[i], steps[:, i], budget[i]) for i in range(len(requests))]
         return rows, ttft
 
-    def _decode(self, cache: KVCache, batch: int, length: int, first: np.ndarray, lengths: np.ndarray,
-                budget: np.ndarray) -> np.ndarray:
+    def _decode(self, cache: KVCache, batch: int, length: int, state: DecodeState, max_steps: int) -> np.ndarray:
         """Runs decode steps until every row is done; returns [steps, B] tokens (host)."""
-        eos = self.config.eos_token_id
-        remaining = budget - 1
-        state = DecodeState(
-            tokens=self._put(first), position=self._put(lengths), remaining=self._put(remaining),
-            done=self._put((first == eos) | (remaining <= 0)),
-        )
         decode = self._program("decode", batch, length)
         outputs: list[jax.Array] = []
         previous_done = state.done
-        for _ in range(int(remaining.max(initial=0))):
+        for _ in range(max_steps):
             cache, state = decode(self.params, cache, state)
             outputs.append(state.tokens)
             # Reading the previous step's flags keeps one step queued on the device while we wait.
