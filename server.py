@@ -82,18 +82,28 @@ def ensure_libpython_on_path() -> None:
 
 
 class StopRequested(Exception):
-    """SIGTERM or SIGINT arrived."""
+    """SIGTERM or SIGINT arrived before the server was serving: loading and compiling are abandoned."""
 
 
 def install_signal_handlers(stop: threading.Event) -> None:
-    """SIGTERM (what Kubernetes sends) and SIGINT both stop the server cleanly."""
+    """SIGTERM (what Kubernetes sends) and SIGINT both stop the server cleanly.
+
+    While serving, the signal sets `stop` and the serving loop winds down; before that (weights loading,
+    programs compiling, which can take minutes) it raises StopRequested so the process exits at once.
+    """
 
     def handler(signum: int, _frame: Any) -> None:
         LOGGER.info("received %s, stopping", signal.Signals(signum).name)
+        already = stop.is_set()
         stop.set()
+        if not serving.is_set() and not already:
+            raise StopRequested(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+serving = threading.Event()  # set once Triton is bound: from then on signals drain instead of interrupting
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -286,6 +296,7 @@ def serve(args: argparse.Namespace, generator: Any, config: Any, stop: threading
         metrics_address=args.bind_address, metrics_port=args.metrics_port,
         exit_timeout_secs=args.exit_timeout, log_verbose=1 if args.verbose else 0,
     )
+    serving.set()  # from here a signal lets Triton stop cleanly instead of interrupting it
     with Triton(config=triton_config) as triton:
         triton.bind(
             model_name=MODEL_NAME,
@@ -356,11 +367,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.number_of_nodes > 1:
         raise SystemExit("--number-of-nodes > 1: multi-node serving is not available in this version")
     begin = time.perf_counter()
-    generator, config = build_generator(args)
-    LOGGER.info("model loaded and warmed up in %.1f s", time.perf_counter() - begin)
-    if stop.is_set():
+    try:
+        generator, config = build_generator(args)
+        LOGGER.info("model loaded and warmed up in %.1f s", time.perf_counter() - begin)
+        return serve(args, generator, config, stop)
+    except StopRequested as signal_name:
+        LOGGER.info("stopped by %s before serving", signal_name)
         return 0
-    return serve(args, generator, config, stop)
 
 
 if __name__ == "__main__":

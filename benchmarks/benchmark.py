@@ -38,6 +38,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--number-of-gpus", type=int, default=1)
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "opt-jax"))
     parser.add_argument("--skip-server", action="store_true", help="measure the generation alone")
+    parser.add_argument("--time-to-ready", action="store_true",
+                        help="only measure the server's time to ready, cold (empty cache) then warm")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="the server's --max-batch-size for --time-to-ready (default: the server's 256)")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     return parser.parse_args()
 
@@ -112,9 +116,35 @@ def through_server(args: argparse.Namespace, generated: int) -> dict:
     return {"latency_s": latency, "tokens_per_s": generated / latency, "ready_s": ready_s}
 
 
+def time_to_ready(args: argparse.Namespace) -> dict:
+    """Seconds from `python server.py` to a ready model: with an empty cache dir, then again with it."""
+    from serving import start_server, wait_ready
+
+    extra = ["--dtype", args.dtype, "--number-of-gpus", str(args.number_of_gpus)]
+    if args.max_batch_size:
+        extra += ["--max-batch-size", str(args.max_batch_size)]
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("cold", "warm"):
+            server = start_server(Path(tmp), Path(tmp) / "cache", *extra, model=args.model_name)
+            try:
+                begin = time.perf_counter()
+                wait_ready(server, timeout=3600)
+                result[kind] = time.perf_counter() - begin
+            finally:
+                server.stop()
+                server.kill_group()
+    return result
+
+
 def main() -> int:
     args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.time_to_ready:
+        ready = time_to_ready(args)
+        print(f"{args.model_name} {args.dtype}, --max-batch-size {args.max_batch_size or 256}: ready in "
+              f"{ready['cold']:.1f} s cold (empty compilation cache), {ready['warm']:.1f} s warm")
+        return 0
     alone = direct(args)
     result = {"model": args.model_name, "dtype": args.dtype, "batch": args.batch_size,
               "prompt": args.prompt_length, "output": args.output_length, "alone": alone}

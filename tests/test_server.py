@@ -5,6 +5,7 @@ import concurrent.futures
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,5 +125,20 @@ def test_sigterm_stops_the_server_cleanly_leaving_no_process(tmp_path: Path, cac
         assert srv.stop(signal.SIGTERM, timeout=60) == 0
         assert srv.group() == [], f"left behind: {[p.cmdline() for p in srv.group()]}"
         assert "stopped" in srv.log()
+    finally:
+        srv.kill_group()
+
+
+def test_sigterm_while_compiling_stops_the_server_at_once(tmp_path: Path):
+    srv = start_server(tmp_path, tmp_path / "empty-cache", "--max-batch-size", "8", "--model-instances", "2")
+    try:
+        deadline = time.monotonic() + 120
+        while "weights of random/tiny ready" not in srv.log():
+            assert srv.process.poll() is None and time.monotonic() < deadline, srv.log()[-3000:]
+            time.sleep(0.2)
+        assert srv.stop(signal.SIGTERM, timeout=60) == 0
+        assert "warm-up:" not in srv.log(), "the server finished compiling before it stopped"
+        assert "stopped by SIGTERM before serving" in srv.log()
+        assert srv.group() == []
     finally:
         srv.kill_group()
