@@ -26,7 +26,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--server-url", default="http://localhost:8000", help="http://host:port or grpc://host:port")
     parser.add_argument("--input", default="The capital of Poland is", help="the prompt")
     parser.add_argument("--output-length", type=int, default=16, help="how many tokens to generate")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server and the answer")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server and the answer")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 

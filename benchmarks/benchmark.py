@@ -71,8 +71,7 @@ def direct(args: argparse.Namespace) -> dict:
     buckets = opt_utils.Buckets.make(max_batch_size=args.batch_size, max_positions=config.max_position_embeddings)
     generator = opt_utils.Generator(model=model, params=params, mesh=mesh, buckets=buckets)
     requests = [opt_utils.Request(tokens, args.output_length)] * args.batch_size
-    chunk = buckets.chunk
-    shape = (buckets.batch_size(args.batch_size), buckets.cache_length(requests[0].positions_needed(chunk)))
+    shape = (buckets.batch_size(args.batch_size), buckets.cache_length(buckets.columns_needed(requests)))
     compile_s = generator.warm_up([shape])
     generator.generate(requests)
     runs = [generator.generate(requests) for _ in range(args.repeats)]
