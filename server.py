@@ -279,43 +279,75 @@ def make_infer_fn(engine: BatchingEngine, tokenizer: Any, max_positions: int):
 # ---------------------------------------------------------------------------------------------------
 
 
+TRITON_START_ATTEMPTS = 3
+
+
 def serve(args: argparse.Namespace, generator: Any, config: Any, stop: threading.Event) -> int:
     """Rank 0: binds the Triton model and serves until SIGTERM/SIGINT or until Triton dies."""
     import opt_utils
-    from pytriton.model_config import ModelConfig, Tensor
-    from pytriton.triton import Triton, TritonConfig
 
     tokenizer = opt_utils.load_tokenizer(args.model_name, args.tokenizer, args.cache_dir, config)
     LOGGER.info("tokenizer: %s", tokenizer.description)
     engine = BatchingEngine(generator, args.max_batch_size)
     engine.start()
     infer = make_infer_fn(engine, tokenizer, config.max_position_embeddings)
+    serving.set()  # from here a signal lets Triton stop cleanly instead of interrupting it
+    triton = start_triton(args, infer)
+    LOGGER.info("serving %s as Triton model %r on http :%d, grpc :%d, metrics :%d", args.model_name, MODEL_NAME,
+                args.http_port, args.grpc_port, args.metrics_port)
+    try:
+        status = wait_for_stop(triton, engine, stop)
+    finally:
+        stop_triton(triton)
+        engine.stop()
+    LOGGER.info("stopped")
+    return status
+
+
+def start_triton(args: argparse.Namespace, infer: Any) -> Any:
+    """Starts Triton with the model `OPT` bound, trying again when the model fails to load.
+
+    PyTriton 0.7's model instances race for a 1-second handshake with the first instance's stub;
+    on a loaded machine the others can time out or be refused, and the load fails as a whole.
+    """
+    from pytriton.model_config import ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
     triton_config = TritonConfig(
         http_address=args.bind_address, http_port=args.http_port,
         grpc_address=args.bind_address, grpc_port=args.grpc_port,
         metrics_address=args.bind_address, metrics_port=args.metrics_port,
         exit_timeout_secs=args.exit_timeout, log_verbose=1 if args.verbose else 0,
     )
-    serving.set()  # from here a signal lets Triton stop cleanly instead of interrupting it
-    with Triton(config=triton_config) as triton:
-        triton.bind(
-            model_name=MODEL_NAME,
-            infer_func=[infer] * args.model_instances,
-            inputs=[Tensor(name="input", dtype=bytes, shape=(1,)), Tensor(name="output_length", dtype=np.int64, shape=(1,))],
-            outputs=[Tensor(name="output", dtype=bytes, shape=(1,))],
-            config=ModelConfig(max_batch_size=args.max_batch_size, batcher=None),
-            strict=True,
-        )
-        triton.run()
-        LOGGER.info("serving %s as Triton model %r on http :%d, grpc :%d, metrics :%d", args.model_name, MODEL_NAME,
-                    args.http_port, args.grpc_port, args.metrics_port)
-        status = wait_for_stop(triton, engine, stop)
-        triton_processes = psutil.Process().children(recursive=True)
-        stub_folders = stub_model_folders(triton_processes)
-    engine.stop()
-    reap_leftovers(triton_processes, stub_folders)
-    LOGGER.info("stopped")
-    return status
+    for attempt in range(1, TRITON_START_ATTEMPTS + 1):
+        triton = Triton(config=triton_config)
+        try:
+            triton.bind(
+                model_name=MODEL_NAME,
+                infer_func=[infer] * args.model_instances,
+                inputs=[Tensor(name="input", dtype=bytes, shape=(1,)),
+                        Tensor(name="output_length", dtype=np.int64, shape=(1,))],
+                outputs=[Tensor(name="output", dtype=bytes, shape=(1,))],
+                config=ModelConfig(max_batch_size=args.max_batch_size, batcher=None),
+                strict=True,
+            )
+            triton.run()
+            return triton
+        except Exception as error:  # PyTriton passes tritonclient's load error through
+            stop_triton(triton)
+            if attempt == TRITON_START_ATTEMPTS:
+                raise
+            LOGGER.warning("Triton could not load the model (attempt %d of %d), starting it again: %s",
+                           attempt, TRITON_START_ATTEMPTS, str(error).splitlines()[0])
+    raise AssertionError("unreachable")
+
+
+def stop_triton(triton: Any) -> None:
+    """Stops Triton, then ends whatever of it outlives the stop and removes its model copies."""
+    processes = psutil.Process().children(recursive=True)
+    folders = stub_model_folders(processes)
+    triton.stop()
+    reap_leftovers(processes, folders)
 
 
 def wait_for_stop(triton: Any, engine: BatchingEngine, stop: threading.Event) -> int:
