@@ -47,12 +47,7 @@ def infer(server_url: str, prompts: Sequence[str], output_lengths: Sequence[int]
         import tritonclient.grpc as triton
     else:
         import tritonclient.http as triton
-    prompt_array = np.array([[p.encode("utf-8")] for p in prompts], dtype=object)  # [B, 1] bytes
-    length_array = np.array([[n] for n in output_lengths], dtype=np.int64)  # [B, 1]
-    inputs = [triton.InferInput("input", list(prompt_array.shape), "BYTES"),
-              triton.InferInput("output_length", list(length_array.shape), "INT64")]
-    inputs[0].set_data_from_numpy(prompt_array)
-    inputs[1].set_data_from_numpy(length_array)
+    inputs = request_inputs(triton, [p.encode("utf-8") for p in prompts], output_lengths)
     outputs = [triton.InferRequestedOutput("output")]
     if protocol == "grpc":
         client = triton.InferenceServerClient(address)
@@ -66,6 +61,17 @@ def infer(server_url: str, prompts: Sequence[str], output_lengths: Sequence[int]
     finally:
         client.close()
     return [row[0].decode("utf-8") for row in result.as_numpy("output")]
+
+
+def request_inputs(triton: Any, prompts: Sequence[bytes], output_lengths: Sequence[int]) -> list[Any]:
+    """The model's two inputs for `tritonclient.http` or `tritonclient.grpc` (the module `triton`)."""
+    prompt_array = np.array([[p] for p in prompts], dtype=object)  # [B, 1] bytes
+    length_array = np.array([[n] for n in output_lengths], dtype=np.int64)  # [B, 1]
+    inputs = [triton.InferInput("input", list(prompt_array.shape), "BYTES"),
+              triton.InferInput("output_length", list(length_array.shape), "INT64")]
+    inputs[0].set_data_from_numpy(prompt_array)
+    inputs[1].set_data_from_numpy(length_array)
+    return inputs
 
 
 def wait_until_ready(client: Any, timeout: float) -> None:

@@ -123,10 +123,6 @@ class KVCache:
         layers = range(config.num_hidden_layers)
         return cls(k=tuple(jnp.zeros(shape, dtype) for _ in layers), v=tuple(jnp.zeros(shape, dtype) for _ in layers))
 
-    @property
-    def length(self) -> int:
-        return self.k[0].shape[2]
-
 
 def _dense(features: int, use_bias: bool, dtype: Any, name: str) -> nn.Dense:
     return nn.Dense(

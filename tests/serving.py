@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,24 +112,23 @@ def wait_ready(server: ServerProcess, timeout: float = 300) -> None:
 
 
 def infer(url: str, prompts: Sequence[bytes | str], lengths: Sequence[int], timeout: float = 120) -> list[str]:
-    """One Triton request (HTTP or gRPC by the URL's scheme) with one row per prompt."""
-    grpc = url.startswith("grpc://")
-    if grpc:
+    """One Triton request (HTTP or gRPC by the URL's scheme) with one row per prompt; no readiness wait.
+
+    Unlike client.py it sends prompts as given, bytes that are not UTF-8 included.
+    """
+    from client import MODEL_NAME, request_inputs, triton_url
+
+    protocol, address = triton_url(url)
+    if protocol == "grpc":
         import tritonclient.grpc as client_lib
     else:
         import tritonclient.http as client_lib
-    address = url.split("://", 1)[1]
-    data = np.array([[p.encode("utf-8") if isinstance(p, str) else p] for p in prompts], dtype=object)
-    lengths_array = np.array([[n] for n in lengths], dtype=np.int64)
-    inputs = [client_lib.InferInput("input", list(data.shape), "BYTES"),
-              client_lib.InferInput("output_length", list(lengths_array.shape), "INT64")]
-    inputs[0].set_data_from_numpy(data)
-    inputs[1].set_data_from_numpy(lengths_array)
-    if grpc:
+    inputs = request_inputs(client_lib, [p.encode("utf-8") if isinstance(p, str) else p for p in prompts], lengths)
+    if protocol == "grpc":
         client = client_lib.InferenceServerClient(address)
-        result = client.infer("OPT", inputs, client_timeout=timeout)
+        result = client.infer(MODEL_NAME, inputs, client_timeout=timeout)
     else:
         client = client_lib.InferenceServerClient(address, network_timeout=timeout)
-        result = client.infer("OPT", inputs)
+        result = client.infer(MODEL_NAME, inputs)
     client.close()
     return [row[0].decode("utf-8") for row in result.as_numpy("output")]
