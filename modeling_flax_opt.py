@@ -10,6 +10,7 @@ through every layer against a key/value cache, writes their keys and values into
     cache:       KVCache       k, v: L arrays of [B, H, C, Dh]
     column:      [] int32      the cache column of tokens[:, 0]
     first_valid: [B] int32     each row's first real column: columns before it hold padding, never read
+    logits:      [B, V_padded] float32
 
 A row's position (for OPT's learned position embeddings) is its column minus `first_valid`. Writing
 every row at one common column is a `dynamic_update_slice`, done in place; per-row positions needed a
@@ -24,6 +25,12 @@ attention is a plain batched matmul (10x faster on XLA:CPU than [B, C, H, Dh] at
 The LM head is its own [Dw, V] kernel even when tied to the token embedding (a transposed copy, made
 at load time): `x @ kernel` ran 1.7x faster than `x @ embedding.T` on XLA:CPU at batch 8, for one more
 V x Dw matrix in memory.
+
+The vocabulary axis (embedding rows, LM head columns) is padded up to a multiple of `vocab_multiple`:
+both are split over the devices, JAX shards only evenly, and OPT's 50272 = 2^5 x 1571 splits over
+1, 2, 4, 8, 16 or 32 devices only (not 3 or 6). The logits keep the padded width, since slicing an
+unevenly split array would gather it, and the padded ids get float32's minimum so that no sampler
+ever picks them.
 
 Every variant the facebook/opt-* checkpoints use is covered: pre- and post-LayerNorm
 (`do_layer_norm_before`), `word_embed_proj_dim` != `hidden_size` (`project_in` / `project_out`),
@@ -215,26 +222,32 @@ class OPTForCausalLM(nn.Module):
 
     config: OPTConfig
     dtype: Any = jnp.float16
+    vocab_multiple: int = 1  # the vocabulary axis is padded to a multiple of this (the devices splitting it)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """The vocabulary rounded up to a multiple of `vocab_multiple`: the rows and columns the weights have."""
+        return -(-self.config.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def setup(self) -> None:
         cfg = self.config
         embed = lambda n, d, name: nn.Embed(
             n, d, dtype=self.dtype, param_dtype=self.dtype, embedding_init=nn.initializers.normal(0.02), name=name
         )
-        self.embed_tokens = embed(cfg.vocab_size, cfg.word_embed_proj_dim, "embed_tokens")
+        self.embed_tokens = embed(self.padded_vocab_size, cfg.word_embed_proj_dim, "embed_tokens")
         self.embed_positions = embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size, "embed_positions")
         if cfg.has_projections:
             self.project_in = _dense(cfg.hidden_size, False, self.dtype, "project_in")
             self.project_out = _dense(cfg.word_embed_proj_dim, False, self.dtype, "project_out")
         if cfg.has_final_layer_norm:
             self.final_layer_norm = _layer_norm(cfg, self.dtype, "final_layer_norm")
-        self.lm_head = _dense(cfg.vocab_size, False, self.dtype, "lm_head")  # [Dw, V], tied or not
+        self.lm_head = _dense(self.padded_vocab_size, False, self.dtype, "lm_head")  # [Dw, V_padded], tied or not
         self.layers = [OPTDecoderLayer(cfg, self.dtype, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
 
     def __call__(
         self, tokens: jax.Array, cache: KVCache, column: jax.Array, first_valid: jax.Array
     ) -> tuple[jax.Array, KVCache]:
-        # tokens: [B, T]; column: []; first_valid: [B] -> logits [B, V] (float32) of tokens[:, -1], new cache
+        # tokens: [B, T]; column: []; first_valid: [B] -> logits [B, V_padded] (float32) of tokens[:, -1], new cache
         cfg = self.config
         T = tokens.shape[1]
         columns = column + jnp.arange(T, dtype=jnp.int32)  # [T]
@@ -252,13 +265,18 @@ class OPTForCausalLM(nn.Module):
         return self.logits(x[:, -1]), KVCache(k=tuple(keys), v=tuple(values))
 
     def logits(self, x: jax.Array) -> jax.Array:
-        """[B, D] final hidden states -> [B, V] float32 logits."""
+        """[B, D] final hidden states -> [B, V_padded] float32 logits, float32's minimum at the padded ids."""
         cfg = self.config
         if cfg.has_final_layer_norm:
             x = self.final_layer_norm(x)
         if cfg.has_projections:
             x = self.project_out(x)
-        return self.lm_head(x).astype(jnp.float32)
+        logits = self.lm_head(x).astype(jnp.float32)
+        if self.padded_vocab_size == cfg.vocab_size:
+            return logits
+        # A comparison with an iota, elementwise: each device masks its own columns, nothing is gathered.
+        real = jnp.arange(self.padded_vocab_size) < cfg.vocab_size  # [V_padded]
+        return jnp.where(real[None, :], logits, jnp.finfo(jnp.float32).min)
 
 
 def write_cache(past: jax.Array, new: jax.Array, column: jax.Array) -> jax.Array:

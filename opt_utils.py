@@ -40,7 +40,7 @@ PRETRAINED_MODELS: tuple[str, ...] = tuple(
 
 # name -> (layers, heads, d_model); vocabulary 50272, 2048 positions, ffn = 4 x d_model, ReLU, pre-LN.
 RANDOM_SHAPES: dict[str, tuple[int, int, int]] = {
-    "tiny": (2, 4, 64),  # for tests: compiles in seconds
+    "tiny": (2, 12, 96),  # for tests: compiles in seconds; 12 heads and ffn 384 split over 1, 2, 3, 4 or 6 devices
     "125M": (12, 12, 768),
     "350M": (24, 16, 1024),
     "1.3B": (24, 32, 2048),
@@ -263,13 +263,20 @@ def partition_spec(name: str) -> P:
 
 
 def make_mesh(devices: Sequence[jax.Device], config: OPTConfig) -> Mesh:
-    """A 1-D model-parallel mesh over `devices`; heads and vocabulary must split evenly across them."""
+    """A 1-D model-parallel mesh over `devices`; heads and ffn_dim must split evenly across them.
+
+    The vocabulary need not: `build_model` pads it to a multiple of the device count.
+    """
     n = len(devices)
-    for what, size in (("num_attention_heads", config.num_attention_heads), ("ffn_dim", config.ffn_dim),
-                       ("vocab_size", config.vocab_size)):
+    for what, size in (("num_attention_heads", config.num_attention_heads), ("ffn_dim", config.ffn_dim)):
         if size % n:
             raise ValueError(f"{what}={size} does not split over {n} devices; use a device count that divides it")
     return Mesh(np.asarray(devices), (MODEL_AXIS,))
+
+
+def build_model(config: OPTConfig, *, dtype: Any, mesh: Mesh) -> OPTForCausalLM:
+    """The model for `mesh`: its vocabulary axis padded to a multiple of the devices that split it."""
+    return OPTForCausalLM(config, dtype, vocab_multiple=mesh.shape[MODEL_AXIS])
 
 
 def param_shardings(abstract_params: Any, mesh: Mesh) -> Any:
@@ -291,10 +298,34 @@ def _init_params(model: OPTForCausalLM, key: jax.Array) -> Any:
     return params
 
 
+# The parameters with a vocabulary axis (padded to the model's `padded_vocab_size`), and that axis.
+VOCAB_AXES: dict[str, int] = {"embed_tokens/embedding": 0, "lm_head/kernel": 1}
+
+
+def _pad_vocab(params: Any, padded_vocab_size: int) -> Any:
+    """Zero-pads the embedding's rows and the LM head's columns up to `padded_vocab_size`."""
+
+    def pad(path: Sequence[Any], x: jax.Array) -> jax.Array:
+        axis = VOCAB_AXES.get(path_name(path))
+        if axis is None:
+            return x
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, padded_vocab_size - x.shape[axis])
+        return jnp.pad(x, widths)
+
+    return jax.tree_util.tree_map_with_path(pad, params)
+
+
 def random_params(model: OPTForCausalLM, mesh: Mesh, seed: int = 0) -> Any:
-    """Random weights created already sharded: no device ever holds more than its shard."""
+    """Random weights created already sharded: no device ever holds more than its shard.
+
+    The values depend on neither the mesh nor the padding: the unpadded model is drawn (with jax's
+    partitionable threefry a sharded draw equals an unsharded one) and zero-padded in the same program.
+    """
     shardings = param_shardings(abstract_params(model), mesh)
-    init = jax.jit(lambda key: _init_params(model, key), out_shardings=shardings)
+    unpadded = model.clone(vocab_multiple=1)
+    init = jax.jit(lambda key: _pad_vocab(_init_params(unpadded, key), model.padded_vocab_size),
+                   out_shardings=shardings)
     return init(jax.random.PRNGKey(seed))
 
 
@@ -456,20 +487,42 @@ def _read_shard(source: TensorSource, plan: TensorPlan, index: tuple[slice, ...]
     return source.read(plan.name, index).astype(dtype)
 
 
+def _read_padded(source: TensorSource, plan: TensorPlan, index: tuple[slice, ...], stored: tuple[int, ...],
+                 dtype: Any) -> np.ndarray:
+    """The part `index` of a parameter whose checkpoint holds only `stored` (our layout); zeros past it.
+
+    A shard of a padded vocabulary may reach past the checkpoint's rows, partly or wholly.
+    """
+    if all(s.stop <= n for s, n in zip(index, stored)):
+        return _read_shard(source, plan, index, dtype)
+    inside = tuple(slice(min(s.start, n), min(s.stop, n)) for s, n in zip(index, stored))
+    out = np.zeros([s.stop - s.start for s in index], dtype)
+    if all(s.stop > s.start for s in inside):
+        out[tuple(slice(0, s.stop - s.start) for s in inside)] = _read_shard(source, plan, inside, dtype)
+    return out
+
+
 def load_params(folder: Path, model: OPTForCausalLM, mesh: Mesh) -> Any:
-    """Reads a checkpoint folder straight into sharded device arrays; each process reads only its shards."""
+    """Reads a checkpoint folder straight into sharded device arrays; each process reads only its shards.
+
+    The checkpoint holds the unpadded vocabulary; the model's padded rows and columns are zeros.
+    """
     from tqdm import tqdm
 
     source = open_checkpoint(folder)
     abstract = abstract_params(model)
     shardings = param_shardings(abstract, mesh)
     flat_abstract = {path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(abstract)}
+    # What the checkpoint holds: the unpadded vocabulary.
+    unpadded = abstract_params(model.clone(vocab_multiple=1))
+    stored = {path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(unpadded)}
     plans = {name: tensor_plan(name, model.config) for name in flat_abstract}
-    check_checkpoint(source, plans, flat_abstract)
+    check_checkpoint(source, plans, stored)
 
     def place(path: Sequence[Any], leaf: jax.ShapeDtypeStruct, sharding: NamedSharding) -> jax.Array:
-        plan = plans[path_name(path)]
-        read = lambda index: _read_shard(source, plan, _full_slices(index, leaf.shape), leaf.dtype)
+        name = path_name(path)
+        plan, shape = plans[name], stored[name].shape
+        read = lambda index: _read_padded(source, plan, _full_slices(index, leaf.shape), shape, leaf.dtype)
         progress.update(1)
         return jax.make_array_from_callback(leaf.shape, sharding, read)
 
@@ -489,6 +542,17 @@ def per_device_bytes(tree: Any) -> dict[str, int]:
             key = str(shard.device)
             total[key] = total.get(key, 0) + shard.data.nbytes
     return total
+
+
+def split_and_replicated_bytes(params: Any) -> tuple[int, int]:
+    """(bytes of the parameters the rules split over the model axis, bytes they replicate), whole model."""
+    split = replicated = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if MODEL_AXIS in tuple(partition_spec(path_name(path))):
+            split += leaf.nbytes
+        else:
+            replicated += leaf.nbytes
+    return split, replicated
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -660,10 +724,15 @@ class Generator:
         a = self._abstract(batch, length)
         params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params)
         cfg, dtype, cache_sharding = self.config, self.model.dtype, self._cache_sharding
-        alloc = jax.jit(lambda: KVCache.zeros(cfg, batch, length, dtype), out_shardings=jax.tree_util.tree_map(
-            lambda _: cache_sharding, a["cache"]))
-        prefill = jax.jit(lambda p, c, t, col, fv: prefill_chunk(self._apply, p, c, t, col, fv), donate_argnums=1)
-        decode = jax.jit(lambda p, c, s: decode_step(self._apply, p, c, s, cfg.eos_token_id), donate_argnums=1)
+        cache_out = jax.tree_util.tree_map(lambda _: cache_sharding, a["cache"])
+        # Everything but the cache comes out replicated: with several processes, each reads its own copy
+        # of the new tokens and flags (a sharded result would not be readable on one host).
+        state_out = jax.tree_util.tree_map(lambda _: self._replicated, a["state"])
+        alloc = jax.jit(lambda: KVCache.zeros(cfg, batch, length, dtype), out_shardings=cache_out)
+        prefill = jax.jit(lambda p, c, t, col, fv: prefill_chunk(self._apply, p, c, t, col, fv), donate_argnums=1,
+                          out_shardings=(cache_out, self._replicated))
+        decode = jax.jit(lambda p, c, s: decode_step(self._apply, p, c, s, cfg.eos_token_id), donate_argnums=1,
+                         out_shardings=(cache_out, state_out))
         options = self._compiler_options()
         self._programs["alloc", batch, length] = alloc.lower().compile()
         self._programs["prefill", batch, length] = prefill.lower(

@@ -11,17 +11,20 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import json
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
+import socket
 import sys
 import sysconfig
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import psutil
@@ -58,6 +61,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="bound on batch rows x cache length of one generation batch (KV-cache memory)")
     parser.add_argument("--exit-timeout", type=int, default=30,
                         help="seconds Triton waits for requests in flight when stopping")
+    parser.add_argument("--join-timeout", type=float, default=300.0,
+                        help="seconds a rank waits for every other rank to join the group before it exits, naming "
+                             "the ranks that never came (multi-node only)")
+    parser.add_argument("--peer-timeout", type=float, default=10.0,
+                        help="seconds without a heartbeat after which a rank is declared lost and the whole group "
+                             "exits non-zero (multi-node only)")
     parser.add_argument("--verbose", action="store_true", help="debug logging, Triton's included")
     args = parser.parse_args(argv)
     if not 0 <= args.rank < args.number_of_nodes:
@@ -65,6 +74,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for flag in ("number_of_gpus", "max_batch_size", "model_instances", "number_of_nodes"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("join_timeout", "peer_timeout"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.number_of_nodes > 1 and not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", args.head_url):
+        parser.error(f"--head-url must be host:port, got {args.head_url!r}")
     return args
 
 
@@ -112,32 +126,56 @@ serving = threading.Event()  # set once Triton is bound: from then on signals dr
 
 
 def build_generator(args: argparse.Namespace) -> tuple[Any, Any]:
-    """Loads the config, the weights (sharded over the mesh) and compiles every bucket's programs."""
+    """Loads the config, the weights (sharded over every device of every rank) and compiles every bucket."""
     import jax
     import jax.numpy as jnp
 
     import opt_utils
-    from modeling_flax_opt import OPTForCausalLM
 
     opt_utils.enable_compilation_cache(args.cache_dir)
-    devices = jax.local_devices()
-    if len(devices) < args.number_of_gpus:
-        raise SystemExit(f"--number-of-gpus {args.number_of_gpus} but this process sees {len(devices)} devices: {devices}")
     config = opt_utils.model_config(args.model_name, args.cache_dir)
-    mesh = opt_utils.make_mesh(devices[: args.number_of_gpus], config)
-    model = OPTForCausalLM(config, jnp.dtype(args.dtype))
+    mesh = opt_utils.make_mesh(mesh_devices(args.number_of_gpus), config)
+    model = opt_utils.build_model(config, dtype=jnp.dtype(args.dtype), mesh=mesh)
     begin = time.perf_counter()
     if opt_utils.is_random(args.model_name):
         params = opt_utils.random_params(model, mesh)
     else:
         params = opt_utils.load_params(opt_utils.model_dir(args.model_name, args.cache_dir), model, mesh)
     jax.block_until_ready(params)
-    LOGGER.info("weights of %s ready in %.1f s on %s", args.model_name, time.perf_counter() - begin, mesh.devices.tolist())
+    LOGGER.info("weights of %s ready in %.1f s on a mesh of %d devices (%d per rank)", args.model_name,
+                time.perf_counter() - begin, mesh.size, args.number_of_gpus)
+    log_weight_bytes(params, mesh.size)
     buckets = opt_utils.Buckets.make(max_batch_size=args.max_batch_size, max_positions=config.max_position_embeddings,
                                      max_cache_tokens=args.max_cache_tokens)
     generator = opt_utils.Generator(model=model, params=params, mesh=mesh, buckets=buckets)
     generator.warm_up()
     return generator, config
+
+
+def mesh_devices(number_of_gpus: int) -> list[Any]:
+    """The first `number_of_gpus` devices of every rank, rank-major: one global mesh over the whole group.
+
+    Each rank then holds only its devices' shards of the weights; neighbouring mesh positions share a node,
+    so splitting a head group or a vocabulary range never straddles more nodes than it must.
+    """
+    import jax
+
+    per_rank: dict[int, list[Any]] = {}
+    for device in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
+        per_rank.setdefault(device.process_index, []).append(device)
+    short = {rank: len(devices) for rank, devices in per_rank.items() if len(devices) < number_of_gpus}
+    if short:
+        raise SystemExit(f"--number-of-gpus {number_of_gpus} but these ranks see fewer devices: {short}")
+    return [device for rank in sorted(per_rank) for device in per_rank[rank][:number_of_gpus]]
+
+
+def log_weight_bytes(params: Any, mesh_size: int) -> None:
+    """Logs the weight bytes each of this rank's devices holds beside the model's split and replicated totals."""
+    import opt_utils
+
+    split, replicated = opt_utils.split_and_replicated_bytes(params)
+    LOGGER.info("weight bytes: %s on this rank's devices; the model has %d split over %d devices and %d replicated",
+                json.dumps(opt_utils.per_device_bytes(params), sort_keys=True), split, mesh_size, replicated)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,14 +241,29 @@ class BatchingEngine:
         self._max_rows = max_rows
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="generation", daemon=True)
+        self._running: list[Job] = []  # the batch being generated, for abort
         self.failure: BaseException | None = None
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60) -> None:
         self._queue.put(None)
-        self._thread.join(timeout=60)
+        self._thread.join(timeout=timeout)
+
+    def abort(self, error: BaseException) -> None:
+        """Fails every waiting and running request with `error` at once (a lost peer: nothing will finish)."""
+        self.failure = error
+        jobs = list(self._running)
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                jobs.append(job)
+        for job in jobs:
+            _fail(job.future, error)
 
     def submit(self, rows: Sequence[Row]) -> list[concurrent.futures.Future]:
         if self.failure is not None:
@@ -241,18 +294,29 @@ class BatchingEngine:
 
         while (batch := self._next_batch()) is not None:
             requests = [opt_utils.Request(job.row.tokens, job.row.output_length) for job in batch]
+            self._running = batch
             try:
                 result = self._generator.generate(requests)
-            except Exception as error:  # a device failure: every waiting request hears of it
+            except Exception as error:  # a device or peer failure: every waiting request hears of it
                 LOGGER.exception("generation failed")
                 self.failure = error
                 for job in batch:
-                    job.future.set_exception(error)
+                    _fail(job.future, error)
                 continue
+            finally:
+                self._running = []
             LOGGER.debug("batch of %d rows in %.3f s (first token %.3f s)", len(batch), result.total_time,
                          result.time_to_first_token)
             for job, tokens in zip(batch, result.tokens):
-                job.future.set_result(tokens)
+                if not job.future.done():  # an abort may have failed it already
+                    job.future.set_result(tokens)
+
+
+def _fail(future: concurrent.futures.Future, error: BaseException) -> None:
+    try:
+        future.set_exception(error)
+    except concurrent.futures.InvalidStateError:  # already answered
+        pass
 
 
 def make_infer_fn(engine: BatchingEngine, tokenizer: Any, max_positions: int):
@@ -275,6 +339,327 @@ def make_infer_fn(engine: BatchingEngine, tokenizer: Any, max_positions: int):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The group: one jax.distributed process per node; rank 0 sends each batch, every rank runs it
+# ---------------------------------------------------------------------------------------------------
+
+KEY_PREFIX = "opt-server/"  # every key this server keeps in the coordination service's key-value store
+JOIN_GRACE_S = 30  # jax's own connect timeout runs this much past --join-timeout, so ours fires first
+HEARTBEAT_INTERVAL_S = 1.0
+EXIT_GRACE_S = 15.0  # after a lost peer, the most a rank spends stopping before it exits regardless
+RECEIVE_POLL_MS = 500  # how often a waiting worker looks up from the channel to check for signals
+
+
+class GroupError(RuntimeError):
+    """The group cannot form, or lost a rank: every rank exits non-zero so that an orchestrator restarts it."""
+
+
+WIRE_FORMAT = 1
+KIND_STOP, KIND_GENERATE = 0, 1
+
+
+def encode_batch(requests: Sequence[Any] | None) -> bytes:
+    """One channel message: a batch of opt_utils.Request, or None for "stop".
+
+    Wire format, little-endian int32 words, nothing pickled:
+        [0] WIRE_FORMAT   [1] kind (KIND_GENERATE or KIND_STOP)   [2] R rows   [3] N token ids in all
+        R words: each row's prompt length (true length, no padding)
+        R words: each row's output length (tokens to generate)
+        N words: the rows' prompt token ids, concatenated in row order
+    """
+    requests = requests or []
+    lengths = [len(r.tokens) for r in requests]
+    header = [WIRE_FORMAT, KIND_STOP if not requests else KIND_GENERATE, len(requests), sum(lengths)]
+    words = [*header, *lengths, *(r.max_new_tokens for r in requests), *(t for r in requests for t in r.tokens)]
+    return np.asarray(words, dtype="<i4").tobytes()
+
+
+def decode_batch(message: bytes) -> list[Any] | None:
+    """The inverse of `encode_batch`; a message that does not follow the format is a GroupError."""
+    import opt_utils
+
+    words = np.frombuffer(message, dtype="<i4")
+    if len(words) < 4 or words[0] != WIRE_FORMAT or words[1] not in (KIND_STOP, KIND_GENERATE):
+        raise GroupError(f"malformed channel message (header {words[:4].tolist()}); are all ranks the same version?")
+    rows, total = int(words[2]), int(words[3])
+    if len(words) != 4 + 2 * rows + total:
+        raise GroupError(f"channel message of {len(words)} words does not hold {rows} rows of {total} tokens")
+    if words[1] == KIND_STOP:
+        return None
+    lengths, outputs, tokens = words[4 : 4 + rows], words[4 + rows : 4 + 2 * rows], words[4 + 2 * rows :]
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    return [opt_utils.Request(tuple(int(t) for t in tokens[starts[i] : starts[i + 1]]), int(outputs[i]))
+            for i in range(rows)]
+
+
+class Channel:
+    """Rank 0 to every other rank, one message per batch, in order: the only data that crosses ranks.
+
+    Message i lives under the key `opt-server/batch/<i>` of the coordination service that
+    jax.distributed runs in rank 0's process; workers wait on it with a blocking get. A batch's key is
+    deleted when the next is sent: by then every rank has run its collectives, so every rank has read it.
+    """
+
+    def __init__(self, client: Any):
+        self._client = client
+        self._sent = 0
+        self._received = 0
+
+    def _key(self, index: int) -> str:
+        return f"{KEY_PREFIX}batch/{index}"
+
+    def send(self, requests: Sequence[Any] | None) -> None:
+        """Rank 0: the next batch for every worker (None tells them to stop)."""
+        self._client.key_value_set_bytes(self._key(self._sent), encode_batch(requests))
+        if self._sent:
+            self._client.key_value_delete(self._key(self._sent - 1))
+        self._sent += 1
+
+    def receive(self, stop: threading.Event) -> list[Any] | None:
+        """Workers: the next batch; None when rank 0 says stop or a signal sets `stop`."""
+        while not stop.is_set():
+            try:
+                message = self._client.blocking_key_value_get_bytes(self._key(self._received), RECEIVE_POLL_MS)
+            except Exception as error:  # not sent yet, or rank 0 is gone: then the monitor ends this process
+                if "DEADLINE_EXCEEDED" not in str(error):
+                    time.sleep(RECEIVE_POLL_MS / 1000)
+                continue
+            self._received += 1
+            return decode_batch(message)
+        return None
+
+
+@dataclasses.dataclass
+class GroupGenerator:
+    """Rank 0's generator in a group: each batch is sent to the workers, then every rank runs it."""
+
+    generator: Any  # opt_utils.Generator
+    channel: Channel
+
+    def generate(self, requests: Sequence[Any]) -> Any:
+        self.channel.send(requests)
+        return self.generator.generate(requests)
+
+
+class PeerMonitor:
+    """Heartbeats through the key-value store: a rank whose heartbeat stops for `timeout` seconds is lost.
+
+    Keys under opt-server/peers/: `heartbeat/<rank>` (a counter each rank bumps every second),
+    `leaving/<rank>` (why a worker stopped), `ended` (why rank 0 ended the group on a failure) and
+    `stopped` (rank 0 was stopped before serving). Rank 0 watches every worker; a worker watches rank 0,
+    whose process also holds the key-value store, so a dead rank 0 shows as the store not answering.
+    `on_lost(message, status)` gets a message naming the lost rank and the exit status it calls for.
+    """
+
+    def __init__(self, client: Any, *, rank: int, size: int, timeout: float,
+                 on_lost: Callable[[str, int], None]):
+        self._client = client
+        self._rank = rank
+        self._watched = list(range(1, size)) if rank == 0 else [0]
+        self.timeout = timeout
+        self._on_lost = on_lost
+        self._seen: dict[int, tuple[str | None, float]] = {}  # rank -> (last heartbeat, when it last changed)
+        self._unreachable_since: float | None = None
+        self._finished = threading.Event()
+        self.lost: str | None = None
+        self.lost_event = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peer-monitor", daemon=True)
+
+    def _key(self, name: str) -> str:
+        return f"{KEY_PREFIX}peers/{name}"
+
+    def start(self) -> None:
+        now = time.monotonic()
+        self._seen = {rank: (None, now) for rank in self._watched}
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._finished.set()
+
+    def wait_lost(self, timeout: float) -> str | None:
+        self.lost_event.wait(timeout)
+        return self.lost
+
+    def leave(self, reason: str, *, failed: bool) -> None:
+        """This rank stops: rank 0 hears why a worker left; workers hear whether rank 0 stopped or failed."""
+        self._finished.set()
+        name = ("ended" if failed else "stopped") if self._rank == 0 else f"leaving/{self._rank}"
+        try:
+            self._client.key_value_set(self._key(name), reason, allow_overwrite=True)
+        except Exception as error:  # the store is gone with rank 0: nobody is left to tell
+            LOGGER.debug("could not announce leaving: %s", error)
+
+    def _run(self) -> None:
+        beat = 0
+        while not self._finished.wait(HEARTBEAT_INTERVAL_S):
+            beat += 1
+            problem = self._check(beat)
+            if problem and not self._finished.is_set():
+                self.lost, status = problem
+                self.lost_event.set()
+                self._on_lost(self.lost, status)
+                return
+
+    def _check(self, beat: int) -> tuple[str, int] | None:
+        now = time.monotonic()
+        try:
+            self._client.key_value_set(self._key(f"heartbeat/{self._rank}"), str(beat), allow_overwrite=True)
+            entries = dict(self._client.key_value_dir_get(self._key("")))
+        except Exception as error:
+            self._unreachable_since = self._unreachable_since or now
+            if now - self._unreachable_since >= self.timeout:
+                return (f"lost rank 0: its key-value store has not answered for {self.timeout:g} s "
+                        f"({str(error).splitlines()[0]})"), 1
+            return None
+        self._unreachable_since = None
+        if self._rank and (reason := entries.get(self._key("ended"))):
+            return f"rank 0 ended the group: {reason}", 1
+        if self._rank and (reason := entries.get(self._key("stopped"))):
+            return f"rank 0 stopped the group: {reason}", 0
+        lost = self._stale_or_leaving(entries, now)
+        return (lost, 1) if lost else None
+
+    def _stale_or_leaving(self, entries: dict[str, str], now: float) -> str | None:
+        for rank in self._watched:
+            if reason := entries.get(self._key(f"leaving/{rank}")):
+                return f"lost rank {rank}: it left the group ({reason})"
+            beat, since = self._seen[rank]
+            current = entries.get(self._key(f"heartbeat/{rank}"))
+            if current != beat:
+                self._seen[rank] = (current, now)
+            elif now - since >= self.timeout:
+                return f"lost rank {rank}: no heartbeat for {now - since:.0f} s"
+        return None
+
+
+@dataclasses.dataclass
+class Group:
+    """This process's place in a multi-node group."""
+
+    rank: int
+    size: int
+    client: Any  # jax.distributed's client: the key-value store of the coordination service
+    channel: Channel
+    monitor: PeerMonitor
+
+    def announce_ready(self) -> None:
+        """A worker has its weights and programs: rank 0 may start taking requests."""
+        self.client.key_value_set(f"{KEY_PREFIX}ready/{self.rank}", socket.gethostname())
+
+    def wait_until_ready(self) -> None:
+        """Rank 0: blocks until every worker has its weights and programs (a signal still interrupts)."""
+        for rank in range(1, self.size):
+            LOGGER.info("waiting for rank %d to finish loading and compiling", rank)
+            while True:
+                try:
+                    self.client.blocking_key_value_get(f"{KEY_PREFIX}ready/{rank}", RECEIVE_POLL_MS)
+                    break
+                except Exception:  # not ready yet; a lost worker ends this process from the monitor
+                    continue
+        LOGGER.info("all %d ranks are ready", self.size)
+
+
+def join_group(args: argparse.Namespace, stop: threading.Event) -> Group:
+    """Joins rank 0's jax.distributed group, waiting up to --join-timeout for every rank to come.
+
+    jax's connect blocks until all ranks have registered and then ends the process without saying who
+    was missing, so it runs in a thread while this one keeps the signals working, has each rank sign in
+    to the key-value store (which answers before the group is complete) and names the missing ranks.
+    """
+    import jax
+    from jax._src import distributed  # the client of jax.distributed: its key-value store is our channel
+
+    failures: list[BaseException] = []
+    connect = threading.Thread(target=_initialize_distributed, args=(args, failures), name="join", daemon=True)
+    connect.start()
+    deadline = time.monotonic() + args.join_timeout
+    signed_in = False
+    LOGGER.info("rank %d of %d: joining the group at %s", args.rank, args.number_of_nodes, args.head_url)
+    while connect.is_alive():
+        client = distributed.global_state.client
+        if client is not None and not signed_in:
+            signed_in = _try(lambda: client.key_value_set(f"{KEY_PREFIX}joined/{args.rank}", socket.gethostname()))
+        if time.monotonic() > deadline:
+            raise GroupError(f"gave up after {args.join_timeout:g} s (--join-timeout): {_never_joined(client, args)}")
+        connect.join(0.5)
+    if failures:
+        raise GroupError(f"could not join the group at {args.head_url}: {failures[0]}")
+    install_signal_handlers(stop)  # jax's preemption notifier took SIGTERM over: take it back
+    LOGGER.info("joined: %d ranks, %d devices in all", jax.process_count(), jax.device_count())
+    client = distributed.global_state.client
+    monitor = PeerMonitor(client, rank=args.rank, size=args.number_of_nodes, timeout=args.peer_timeout,
+                          on_lost=lambda reason, status: on_peer_lost(args.rank, reason, status))
+    monitor.start()
+    return Group(args.rank, args.number_of_nodes, client, Channel(client), monitor)
+
+
+def _initialize_distributed(args: argparse.Namespace, failures: list[BaseException]) -> None:
+    import jax
+
+    try:
+        jax.distributed.initialize(
+            coordinator_address=args.head_url, num_processes=args.number_of_nodes, process_id=args.rank,
+            local_device_ids=list(range(args.number_of_gpus)),
+            initialization_timeout=int(args.join_timeout) + JOIN_GRACE_S,
+        )
+    except BaseException as error:
+        failures.append(error)
+
+
+def _try(action: Callable[[], Any]) -> bool:
+    try:
+        action()
+        return True
+    except Exception:
+        return False
+
+
+def _never_joined(client: Any, args: argparse.Namespace) -> str:
+    """Which ranks never signed in, read from the key-value store; or that rank 0's store never answered."""
+    try:
+        entries = client.key_value_dir_get(f"{KEY_PREFIX}joined/") if client is not None else None
+    except Exception:
+        entries = None
+    if entries is None:
+        return f"rank 0 never came: nothing answered at --head-url {args.head_url}"
+    joined = {int(key.rsplit("/", 1)[1]) for key, _ in entries}
+    missing = sorted(set(range(args.number_of_nodes)) - joined)
+    return f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} never joined"
+
+
+def on_peer_lost(rank: int, reason: str, status: int) -> None:
+    """The monitor's verdict: a worker exits at once; rank 0 fails its requests and stops Triton first."""
+    LOGGER.log(logging.ERROR if status else logging.INFO, "%s; ending this rank", reason)
+    threading.Timer(EXIT_GRACE_S, exit_now, args=(1,)).start()  # whatever stopping does, it ends in time
+    if rank != 0 or not serving.is_set():
+        exit_now(status)
+    # rank 0 while serving: wait_for_stop sees monitor.lost within a second and stops Triton
+
+
+def exit_now(status: int) -> None:
+    """Ends the process without Python's exit handlers: jax's would wait on peers that may be gone."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def leave_group(group: Group | None, status: int, *, clean: bool) -> int:
+    """Ends this rank's part in the group. `clean`: every rank is stopping together, so jax's shutdown
+    barrier completes; otherwise the peers may be gone and the process exits without waiting for them."""
+    if group is None:
+        return status
+    group.monitor.stop()
+    if clean:
+        import jax
+
+        done = threading.Thread(target=jax.distributed.shutdown, name="shutdown", daemon=True)
+        done.start()
+        done.join(EXIT_GRACE_S)
+    exit_now(status)
+    return status
+
+
+# ---------------------------------------------------------------------------------------------------
 # Rank roles
 # ---------------------------------------------------------------------------------------------------
 
@@ -282,26 +667,33 @@ def make_infer_fn(engine: BatchingEngine, tokenizer: Any, max_positions: int):
 TRITON_START_ATTEMPTS = 3
 
 
-def serve(args: argparse.Namespace, generator: Any, config: Any, stop: threading.Event) -> int:
-    """Rank 0: binds the Triton model and serves until SIGTERM/SIGINT or until Triton dies."""
+def serve(args: argparse.Namespace, generator: Any, config: Any, stop: threading.Event, group: Group | None) -> int:
+    """Rank 0: binds the Triton model and serves until SIGTERM/SIGINT, Triton's death or a lost peer."""
     import opt_utils
 
     tokenizer = opt_utils.load_tokenizer(args.model_name, args.tokenizer, args.cache_dir, config)
     LOGGER.info("tokenizer: %s", tokenizer.description)
-    engine = BatchingEngine(generator, args.max_batch_size)
+    if group:
+        group.wait_until_ready()  # Triton reports ready only once every rank can run a batch
+    engine = BatchingEngine(GroupGenerator(generator, group.channel) if group else generator, args.max_batch_size)
     engine.start()
     infer = make_infer_fn(engine, tokenizer, config.max_position_embeddings)
     serving.set()  # from here a signal lets Triton stop cleanly instead of interrupting it
     triton = start_triton(args, infer)
     LOGGER.info("serving %s as Triton model %r on http :%d, grpc :%d, metrics :%d", args.model_name, MODEL_NAME,
                 args.http_port, args.grpc_port, args.metrics_port)
-    try:
-        status = wait_for_stop(triton, engine, stop)
-    finally:
-        stop_triton(triton)
-        engine.stop()
+    problem = wait_for_stop(triton, engine, stop, group)
+    if problem:  # nothing more will finish: fail what waits before Triton's stop waits for it
+        LOGGER.error("stopping: %s", problem)
+        engine.abort(GroupError(problem))
+        if group:
+            group.monitor.leave(problem, failed=True)
+    stop_triton(triton)
+    engine.stop(timeout=2 if problem else 60)
+    if group and not problem:
+        group.channel.send(None)
     LOGGER.info("stopped")
-    return status
+    return 1 if problem else 0
 
 
 def start_triton(args: argparse.Namespace, infer: Any) -> Any:
@@ -350,16 +742,18 @@ def stop_triton(triton: Any) -> None:
     reap_leftovers(processes, folders)
 
 
-def wait_for_stop(triton: Any, engine: BatchingEngine, stop: threading.Event) -> int:
-    """Blocks until a signal (status 0), Triton's death or an engine failure (status 1)."""
+def wait_for_stop(triton: Any, engine: BatchingEngine, stop: threading.Event, group: Group | None) -> str | None:
+    """Blocks until a signal (None) or a failure: Triton died, the engine failed, or a peer was lost."""
     while not stop.wait(timeout=1.0):
+        if group and group.monitor.lost:
+            return group.monitor.lost
         if not triton.is_alive():
-            LOGGER.error("Triton stopped unexpectedly")
-            return 1
+            return "Triton stopped unexpectedly"
         if engine.failure is not None:
-            LOGGER.error("stopping: the generation engine failed: %s", engine.failure)
-            return 1
-    return 0
+            # In a group a failed collective usually means a dead peer: let the monitor name it.
+            lost = group.monitor.wait_lost(group.monitor.timeout + 2 * HEARTBEAT_INTERVAL_S) if group else None
+            return lost or f"the generation engine failed: {engine.failure}"
+    return None
 
 
 def stub_model_folders(processes: Sequence[psutil.Process]) -> set[Path]:
@@ -389,23 +783,57 @@ def reap_leftovers(processes: Sequence[psutil.Process], folders: set[Path]) -> N
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def work(generator: Any, group: Group, stop: threading.Event) -> int:
+    """Ranks 1..N-1: run every batch rank 0 sends, until it says stop or a signal arrives.
+
+    A lost peer ends this process from the monitor's thread, wherever this loop is waiting.
+    """
+    serving.set()  # from here a signal ends the loop between batches
+    group.announce_ready()
+    LOGGER.info("rank %d ready: running the batches rank 0 sends", group.rank)
+    while (requests := group.channel.receive(stop)) is not None:
+        try:
+            generator.generate(requests)
+        except Exception as error:  # a failed collective: usually a peer died, which the monitor names
+            lost = group.monitor.wait_lost(group.monitor.timeout + 2 * HEARTBEAT_INTERVAL_S)
+            LOGGER.error("stopping: %s", lost or f"generation failed: {error}")
+            return 1
+    if stop.is_set():
+        group.monitor.leave("stopped by a signal", failed=False)
+        LOGGER.info("left the group")
+    else:
+        LOGGER.info("rank 0 stopped the group")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    rank = f" rank {args.rank}" if args.number_of_nodes > 1 else ""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s{rank} %(levelname)s %(name)s: %(message)s")
     ensure_libpython_on_path()
     stop = threading.Event()
     install_signal_handlers(stop)
-    if args.number_of_nodes > 1:
-        raise SystemExit("--number-of-nodes > 1: multi-node serving is not available in this version")
-    begin = time.perf_counter()
+    group = None
     try:
+        group = join_group(args, stop) if args.number_of_nodes > 1 else None
+        begin = time.perf_counter()
         generator, config = build_generator(args)
         LOGGER.info("model loaded and warmed up in %.1f s", time.perf_counter() - begin)
-        return serve(args, generator, config, stop)
+        if args.rank == 0:
+            status = serve(args, generator, config, stop, group)
+        else:
+            status = work(generator, group, stop)
     except StopRequested as signal_name:
         LOGGER.info("stopped by %s before serving", signal_name)
-        return 0
+        if group:
+            group.monitor.leave(f"stopped by {signal_name} before serving", failed=False)
+        return leave_group(group, 0, clean=False)
+    except GroupError as error:  # the join failed: its thread may still wait inside jax, so no clean exit
+        LOGGER.error("%s", error)
+        exit_now(1)
+    # Every rank reaches jax's shutdown barrier only when rank 0 stopped the group on purpose.
+    return leave_group(group, status, clean=status == 0 and (args.rank == 0 or not stop.is_set()))
 
 
 if __name__ == "__main__":

@@ -56,12 +56,11 @@ def direct(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
 
     import opt_utils
-    from modeling_flax_opt import OPTForCausalLM
 
     opt_utils.enable_compilation_cache(args.cache_dir)
     config = opt_utils.model_config(args.model_name, args.cache_dir)
     mesh = opt_utils.make_mesh(jax.local_devices()[: args.number_of_gpus], config)
-    model = OPTForCausalLM(config, jnp.dtype(args.dtype))
+    model = opt_utils.build_model(config, dtype=jnp.dtype(args.dtype), mesh=mesh)
     params = (opt_utils.random_params(model, mesh) if opt_utils.is_random(args.model_name)
               else opt_utils.load_params(opt_utils.model_dir(args.model_name, args.cache_dir), model, mesh))
     tokenizer = opt_utils.load_tokenizer(args.model_name, None, args.cache_dir, config)

@@ -15,6 +15,19 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Eight prompts of different lengths (the longest spans two 64-token prefill chunks) and output lengths.
+MIXED_PROMPTS = [
+    "The capital of Poland is",
+    "Hi",
+    "Once upon a time, in a land far away, there lived a",
+    "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40",
+    "Zażółć gęślą jaźń — unicode works",
+    "def fibonacci(n):",
+    "A",
+    "The quick brown fox jumps over the lazy dog. " * 3,
+]
+MIXED_LENGTHS = [16, 1, 7, 24, 3, 12, 30, 5]
+
 
 def free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
@@ -75,9 +88,9 @@ class ServerProcess:
                 pass
 
 
-def start_server(tmp: Path, cache_dir: Path, *extra: str, model: str = "random/tiny") -> ServerProcess:
+def start_server(tmp: Path, cache_dir: Path, *extra: str, model: str = "random/tiny", name: str = "server") -> ServerProcess:
     http, grpc, metrics = free_ports(3)
-    log_path = tmp / f"server-{http}.log"
+    log_path = tmp / f"{name}-{http}.log"
     command = [
         sys.executable, str(ROOT / "server.py"), "--model-name", model, "--cache-dir", str(cache_dir),
         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
@@ -88,6 +101,30 @@ def start_server(tmp: Path, cache_dir: Path, *extra: str, model: str = "random/t
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
     return ServerProcess(process, http, grpc, metrics, log_path)
+
+
+def start_group(tmp: Path, cache_dir: Path, nodes: int, *extra: str, order: Sequence[int] | None = None,
+                model: str = "random/tiny", gap: float = 1.0) -> list[ServerProcess]:
+    """`nodes` processes of one multi-node group on loopback, two simulated devices each, started in `order`
+    (`gap` seconds apart; all ranks by default); returned in rank order. Each runs in a session of its own,
+    as on its own node."""
+    (head_port,) = free_ports(1)
+    started: dict[int, ServerProcess] = {}
+    for rank in order if order is not None else range(nodes):
+        started[rank] = start_server(
+            tmp, cache_dir, "--head-url", f"127.0.0.1:{head_port}", "--number-of-nodes", str(nodes),
+            "--rank", str(rank), "--number-of-gpus", "2", *extra, model=model, name=f"rank{rank}",
+        )
+        time.sleep(gap)
+    return [started[rank] for rank in sorted(started)]
+
+
+def wait_exit(server: ServerProcess, timeout: float) -> int:
+    """The exit status of a process expected to end by itself within `timeout` seconds."""
+    try:
+        return server.process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running after {timeout} s:\n{server.log()[-3000:]}") from None
 
 
 def wait_ready(server: ServerProcess, timeout: float = 300) -> None:
@@ -132,3 +169,7 @@ def infer(url: str, prompts: Sequence[bytes | str], lengths: Sequence[int], time
         result = client.infer(MODEL_NAME, inputs)
     client.close()
     return [row[0].decode("utf-8") for row in result.as_numpy("output")]
+
+
+def run_client(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "client.py"), *args], capture_output=True, text=True, timeout=120)

@@ -230,3 +230,54 @@ def test_partition_spec_covers_every_param_of_every_variant_with_a_spec_that_fit
 def test_partition_spec_of_an_unknown_parameter_is_a_key_error_naming_it() -> None:
     with pytest.raises(KeyError, match=re.escape("layers_0/self_attn/rotary/kernel")):
         opt_utils.partition_spec("layers_0/self_attn/rotary/kernel")
+
+
+# ---------------------------------------------------------------------------------------------------
+# A vocabulary padded for the mesh: the checkpoint holds the real rows, the padding is zeros
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_padded(folder: Path, vocab_multiple: int) -> dict[str, jax.Array]:
+    """Our float32 model with its vocabulary padded to a multiple of `vocab_multiple`, loaded on two devices."""
+    config = opt_utils.model_config(str(folder), None)
+    model = OPTForCausalLM(config, jnp.float32, vocab_multiple=vocab_multiple)
+    params = opt_utils.load_params(folder, model, opt_utils.make_mesh(jax.devices()[:2], config))
+    return {opt_utils.path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+# The tiny checkpoints hold 64 ids; each of the two devices holds half of the padded rows, so the second
+# device's shard lies partly (rows 33..65) or wholly (rows 64..127) in the padding.
+@pytest.mark.parametrize("vocab_multiple, second_shard_start", [(3, 33), (128, 64)], ids=["partly", "wholly"])
+def test_a_checkpoint_loads_into_a_padded_model_as_the_unpadded_params_then_zeros(
+    vocab_multiple: int, second_shard_start: int, safetensors_params, tmp_path: Path
+) -> None:
+    variant, expected = safetensors_params
+    write_safetensors(hf_for(variant), tmp_path)
+    loaded = load_padded(tmp_path, vocab_multiple)
+    vocab = expected["embed_tokens/embedding"].shape[0]
+    padded = -(-vocab // vocab_multiple) * vocab_multiple
+    second = loaded["embed_tokens/embedding"].addressable_shards[1]
+    assert second.index[0].start == second_shard_start
+    assert loaded.keys() == expected.keys()
+    for name, value in loaded.items():
+        value = np.asarray(value)
+        axis = opt_utils.VOCAB_AXES.get(name)
+        if axis is not None:
+            assert value.shape[axis] == padded, name
+            np.testing.assert_array_equal(value.take(range(vocab, padded), axis=axis), 0.0, err_msg=name)
+            value = value.take(range(vocab), axis=axis)
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+
+
+@pytest.mark.parametrize("name, edit", [
+    ("decoder.layers.1.fc1.weight", lambda w: w[:, :-1]),
+    # Rows for the padded vocabulary are no better: the checkpoint must hold the config's 64 ids.
+    ("decoder.embed_tokens.weight", lambda w: np.pad(w, ((0, 2), (0, 0)))),
+])
+def test_a_tensor_with_the_wrong_shape_is_an_error_naming_it_when_loading_a_padded_model(
+    name: str, edit: Callable[[np.ndarray], np.ndarray], tmp_path: Path
+) -> None:
+    key = f"model.{name}"
+    write_edited_safetensors(tmp_path, lambda t: t.__setitem__(key, np.ascontiguousarray(edit(t[key]))))
+    with pytest.raises(ValueError, match=re.escape(name)):
+        load_padded(tmp_path, vocab_multiple=3)

@@ -3,34 +3,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from serving import ROOT, ServerProcess, infer, start_server, wait_ready
-
-# Eight prompts of different lengths (the longest spans two 64-token prefill chunks) and output lengths.
-MIXED_PROMPTS = [
-    "The capital of Poland is",
-    "Hi",
-    "Once upon a time, in a land far away, there lived a",
-    "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40",
-    "Zażółć gęślą jaźń — unicode works",
-    "def fibonacci(n):",
-    "A",
-    "The quick brown fox jumps over the lazy dog. " * 3,
-]
-MIXED_LENGTHS = [16, 1, 7, 24, 3, 12, 30, 5]
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One compilation cache for every server of the session, so later starts load programs."""
-    return tmp_path_factory.mktemp("opt-cache")
+from serving import MIXED_LENGTHS, MIXED_PROMPTS, ServerProcess, infer, run_client, start_server, wait_ready
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +22,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path):
     finally:
         srv.stop()
         srv.kill_group()
-
-
-def run_client(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "client.py"), *args], capture_output=True, text=True, timeout=120)
 
 
 def test_client_prints_the_prompt_followed_by_generated_text(server: ServerProcess):

@@ -1,0 +1,231 @@
+"""Multi-node serving on loopback: several real `server.py` processes, two simulated CPU devices each, form
+one jax.distributed group; rank 0 serves Triton. Faults are real: kill -9 and SIGTERM of whole processes."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import tritonclient.http as httpclient
+
+import server
+from opt_utils import Request
+from serving import (MIXED_LENGTHS, MIXED_PROMPTS, ServerProcess, infer, run_client, start_group, start_server,
+                     wait_exit, wait_ready)
+
+# float32 so that 1, 2, 4 and 6 devices sum the split matmuls to the same greedy tokens.
+SERVER_ARGS = ("--max-batch-size", "8", "--model-instances", "2", "--max-cache-tokens", "4096", "--dtype", "float32",
+               "--peer-timeout", "5")
+FAULT_DEADLINE_S = 30  # the issue's bound: a lost node turns into errors and exits within this
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> list[str]:
+    """The single-process server's text for the mixed batch: what every group must answer."""
+    srv = start_server(tmp_path_factory.mktemp("single"), cache_dir, *SERVER_ARGS, "--number-of-gpus", "2")
+    try:
+        wait_ready(srv)
+        return infer(srv.http_url, MIXED_PROMPTS, MIXED_LENGTHS)
+    finally:
+        srv.stop()
+        srv.kill_group()
+
+
+def stop_all(ranks: list[ServerProcess]) -> None:
+    for rank in ranks:
+        rank.kill_group()
+
+
+def running(ranks: list[ServerProcess]) -> list[str]:
+    """Command lines of the live processes of the ranks' sessions (a zombie has exited: it is not counted)."""
+    found = []
+    for process in (p for r in ranks for p in r.group()):
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                found.append(" ".join(process.cmdline()))
+        except psutil.Error:
+            continue
+    return found
+
+
+def assert_nothing_left(ranks: list[ServerProcess], timeout: float = 10) -> None:
+    """No process of any rank's session (Triton and its stubs included) outlives the rank."""
+    deadline = time.monotonic() + timeout
+    while running(ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running(ranks) == [], "left behind"
+
+
+def assert_group_serves(head: ServerProcess, reference: list[str]) -> None:
+    assert infer(head.http_url, MIXED_PROMPTS, MIXED_LENGTHS) == reference
+    assert infer(head.grpc_url, MIXED_PROMPTS, MIXED_LENGTHS) == reference
+    result = run_client("--server-url", head.http_url, "--input", MIXED_PROMPTS[0], "--output-length",
+                        str(MIXED_LENGTHS[0]))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"output: {[reference[0]]}"
+
+
+def is_live(head: ServerProcess) -> bool:
+    try:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{head.http_port}", connection_timeout=2,
+                                                  network_timeout=2)
+        return client.is_server_live()
+    except Exception:
+        return False
+
+
+# --- the wire format ------------------------------------------------------------------------------
+
+
+def test_a_batch_crosses_the_channel_as_plain_integers_and_comes_back_equal():
+    requests = [Request((2, 100, 7), 16), Request((2,), 1), Request(tuple(range(2, 300)), 2000)]
+    message = server.encode_batch(requests)
+    assert len(message) == 4 * (4 + 2 * 3 + 3 + 1 + 298)  # header, lengths, output lengths, tokens
+    assert server.decode_batch(message) == requests
+    assert server.decode_batch(server.encode_batch(None)) is None
+
+
+def test_a_malformed_channel_message_is_an_error_not_a_guess():
+    good = server.encode_batch([Request((2, 5), 3)])
+    with pytest.raises(server.GroupError, match="malformed"):
+        server.decode_batch(b"\x07\x00\x00\x00" + good[4:])  # another wire format version
+    with pytest.raises(server.GroupError, match="does not hold 1 rows"):
+        server.decode_batch(good[:-4])
+
+
+# --- joining --------------------------------------------------------------------------------------
+
+
+def test_ranks_wait_for_their_peers_and_name_the_one_that_never_joined(tmp_path: Path, cache_dir: Path):
+    ranks = start_group(tmp_path, cache_dir, 3, "--join-timeout", "6", order=[1, 0], gap=0.5)  # rank 2 never starts
+    try:
+        for rank in ranks:
+            assert wait_exit(rank, 60) == 1
+            assert "gave up after 6 s (--join-timeout): rank 2 never joined" in rank.log(), rank.log()[-2000:]
+        assert_nothing_left(ranks)
+    finally:
+        stop_all(ranks)
+
+
+def test_a_worker_alone_says_rank_0_never_came(tmp_path: Path, cache_dir: Path):
+    (worker,) = start_group(tmp_path, cache_dir, 2, "--join-timeout", "4", order=[1], gap=0)
+    try:
+        assert wait_exit(worker, 60) == 1
+        assert re.search(r"gave up after 4 s .*rank 0 never came: nothing answered at --head-url 127\.0\.0\.1:\d+",
+                         worker.log()), worker.log()[-2000:]
+    finally:
+        worker.kill_group()
+
+
+# --- serving --------------------------------------------------------------------------------------
+
+
+def test_two_ranks_started_worker_first_answer_the_single_process_text_and_stop_together(
+    tmp_path: Path, cache_dir: Path, reference: list[str]
+):
+    ranks = start_group(tmp_path, cache_dir, 2, *SERVER_ARGS, order=[1, 0])
+    try:
+        wait_ready(ranks[0])
+        assert_group_serves(ranks[0], reference)
+        begin = time.monotonic()
+        assert ranks[0].stop(signal.SIGTERM, timeout=30) == 0
+        assert wait_exit(ranks[1], 15) == 0
+        assert time.monotonic() - begin < 20
+        assert "rank 0 stopped the group" in ranks[1].log()
+        assert_nothing_left(ranks)
+    finally:
+        stop_all(ranks)
+
+
+def weight_bytes(log: str) -> tuple[dict[str, int], int, int, int]:
+    """(bytes per device of this rank, split bytes, devices, replicated bytes) from a rank's log."""
+    found = re.search(r"weight bytes: (\{.*?\}) on this rank's devices; the model has (\d+) split over (\d+) "
+                      r"devices and (\d+) replicated", log)
+    assert found, log[-2000:]
+    return json.loads(found[1]), int(found[2]), int(found[3]), int(found[4])
+
+
+def test_three_ranks_hold_a_sixth_of_the_split_weights_each_and_a_worker_sigterm_ends_the_group(
+    tmp_path: Path, cache_dir: Path, reference: list[str]
+):
+    ranks = start_group(tmp_path, cache_dir, 3, *SERVER_ARGS, order=[0, 2, 1])
+    try:
+        wait_ready(ranks[0])
+        assert_group_serves(ranks[0], reference)
+        for rank in ranks:
+            held, split, devices, replicated = weight_bytes(rank.log())
+            assert devices == 6 and len(held) == 2 and split > 10 * replicated
+            assert all(b == replicated + split // 6 for b in held.values()), (held, split, replicated)
+
+        assert ranks[2].stop(signal.SIGTERM, timeout=30) == 0  # asked to stop: it leaves cleanly
+        assert wait_exit(ranks[0], FAULT_DEADLINE_S) == 1  # the group cannot serve without it
+        assert wait_exit(ranks[1], FAULT_DEADLINE_S) == 1
+        assert "lost rank 2: it left the group" in ranks[0].log()
+        assert "rank 0 ended the group: lost rank 2" in ranks[1].log()
+        assert_nothing_left(ranks)
+    finally:
+        stop_all(ranks)
+
+
+# --- faults ---------------------------------------------------------------------------------------
+
+
+def test_a_worker_killed_while_idle_fails_new_requests_and_ends_every_rank_in_time(
+    tmp_path: Path, cache_dir: Path
+):
+    ranks = start_group(tmp_path, cache_dir, 3, *SERVER_ARGS)
+    try:
+        wait_ready(ranks[0])
+        killed = time.monotonic()
+        ranks[1].kill_group()  # kill -9, as a node that vanishes
+        with pytest.raises(Exception):
+            infer(ranks[0].http_url, ["After the loss"], [8], timeout=FAULT_DEADLINE_S)
+        assert time.monotonic() - killed < FAULT_DEADLINE_S
+        assert wait_exit(ranks[0], FAULT_DEADLINE_S) == 1
+        assert not is_live(ranks[0])
+        assert wait_exit(ranks[2], 10) == 1
+        assert time.monotonic() - killed < FAULT_DEADLINE_S
+        assert "lost rank 1: no heartbeat" in ranks[0].log()
+        assert "lost rank 1" in ranks[2].log()
+        assert_nothing_left(ranks)
+    finally:
+        stop_all(ranks)
+
+
+def test_a_worker_killed_during_a_long_request_fails_that_request_in_time(tmp_path: Path, cache_dir: Path):
+    ranks = start_group(tmp_path, cache_dir, 2, *SERVER_ARGS)
+    try:
+        wait_ready(ranks[0])
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            long = pool.submit(infer, ranks[0].grpc_url, ["A long story"], [2000], 120)
+            time.sleep(2)
+            assert not long.done(), "the request ended before the worker was killed"
+            killed = time.monotonic()
+            ranks[1].kill_group()
+            with pytest.raises(Exception, match="lost rank 1|Gloo|generation engine failed"):
+                long.result(timeout=FAULT_DEADLINE_S)
+        assert time.monotonic() - killed < FAULT_DEADLINE_S
+        assert wait_exit(ranks[0], FAULT_DEADLINE_S) == 1
+        assert "lost rank 1" in ranks[0].log()
+        assert_nothing_left(ranks)
+    finally:
+        stop_all(ranks)
+
+
+def test_rank_0_killed_ends_every_worker_and_leaves_no_triton_behind(tmp_path: Path, cache_dir: Path):
+    ranks = start_group(tmp_path, cache_dir, 2, *SERVER_ARGS)
+    try:
+        wait_ready(ranks[0])
+        killed = time.monotonic()
+        ranks[0].process.send_signal(signal.SIGKILL)  # the server process alone: Triton must follow it
+        assert wait_exit(ranks[1], FAULT_DEADLINE_S) == 1
+        assert time.monotonic() - killed < FAULT_DEADLINE_S
+        assert "lost rank 0" in ranks[1].log()
+        assert_nothing_left(ranks)
+    finally:
+        stop_all(ranks)
