@@ -584,6 +584,8 @@ def join_group(args: argparse.Namespace, stop: threading.Event) -> Group:
     if failures:
         raise GroupError(f"could not join the group at {args.head_url}: {failures[0]}")
     install_signal_handlers(stop)  # jax's preemption notifier took SIGTERM over: take it back
+    if args.rank:
+        report_abort_as_lost_rank_0(args.rank, args.head_url)
     LOGGER.info("joined: %d ranks, %d devices in all", jax.process_count(), jax.device_count())
     client = distributed.global_state.client
     monitor = PeerMonitor(client, rank=args.rank, size=args.number_of_nodes, timeout=args.peer_timeout,
@@ -624,6 +626,45 @@ def _never_joined(client: Any, args: argparse.Namespace) -> str:
     joined = {int(key.rsplit("/", 1)[1]) for key, _ in entries}
     missing = sorted(set(range(args.number_of_nodes)) - joined)
     return f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} never joined"
+
+
+_abort_handler: Any = None  # the ctypes callback must outlive the call that installs it
+
+
+def report_abort_as_lost_rank_0(rank: int, head_url: str) -> None:
+    """Workers: turns jax's abort on a vanished rank 0 into our log line and exit status 1.
+
+    jax's coordination client polls rank 0's service; the moment that fails it ends the process with
+    abort() from a C++ thread (its Python callback hook cannot be used: it fails with std::bad_cast), so
+    this C-level SIGABRT handler checks whether anything still answers at the head and says so.
+    """
+    import ctypes
+
+    global _abort_handler
+    host, port = head_url.rsplit(":", 1)
+
+    def head_gone() -> bool:
+        # A killed rank 0's connections can close a moment before its listening socket: ask three times.
+        for _ in range(3):
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+            except OSError:
+                return True
+            time.sleep(0.5)
+        return False
+
+    def on_abort(_signum: int) -> None:
+        reason = (f"lost rank 0: its coordination service at {head_url} is gone" if head_gone()
+                  else "jax ended this rank on the fatal error above")
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.write(2, f"{stamp} rank {rank} ERROR {LOGGER.name}: {reason}; ending this rank\n".encode())
+        os._exit(1)
+
+    _abort_handler = ctypes.CFUNCTYPE(None, ctypes.c_int)(on_abort)
+    libc = ctypes.CDLL(None)
+    libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal(signal.SIGABRT, ctypes.cast(_abort_handler, ctypes.c_void_p))
 
 
 def on_peer_lost(rank: int, reason: str, status: int) -> None:
