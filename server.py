@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import sysconfig
 import threading
@@ -720,6 +721,7 @@ def serve(args: argparse.Namespace, generator: Any, config: Any, stop: threading
     engine.start()
     infer = make_infer_fn(engine, tokenizer, config.max_position_embeddings)
     serving.set()  # from here a signal lets Triton stop cleanly instead of interrupting it
+    reaper = start_reaper()
     triton = start_triton(args, infer)
     LOGGER.info("serving %s as Triton model %r on http :%d, grpc :%d, metrics :%d", args.model_name, MODEL_NAME,
                 args.http_port, args.grpc_port, args.metrics_port)
@@ -729,6 +731,8 @@ def serve(args: argparse.Namespace, generator: Any, config: Any, stop: threading
         engine.abort(GroupError(problem))
         if group:
             group.monitor.leave(problem, failed=True)
+    reaper.kill()
+    reaper.wait()
     stop_triton(triton)
     engine.stop(timeout=2 if problem else 60)
     if group and not problem:
@@ -781,6 +785,56 @@ def stop_triton(triton: Any) -> None:
     folders = stub_model_folders(processes)
     triton.stop()
     reap_leftovers(processes, folders)
+
+
+STUB_GRACE_S = 5.0  # how long the reaper lets Triton stop by itself after this process is killed
+REAPER_TAG = "OPT_SERVER_PID"  # put in this process's environment: Triton and its stubs inherit it
+
+
+def start_reaper() -> subprocess.Popen:
+    """A watcher process that ends Triton's processes if this one is killed outright (kill -9, OOM).
+
+    Triton itself follows this process (PyTriton starts it with a parent-death signal), but its Python
+    stubs can hang in their finalize, talking to the dead proxy, and then stay orphaned for good. They
+    are found by the environment variable they inherit, whoever their parent is by then.
+    """
+    os.environ[REAPER_TAG] = str(os.getpid())
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import server; server.reap_when_gone()"
+    return subprocess.Popen([sys.executable, "-c", code, str(os.getpid())], stdin=subprocess.DEVNULL)
+
+
+def reap_when_gone() -> None:
+    """The reaper's loop: once the server (argv[1]) is gone, ends the processes that carry its tag."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the server's to handle
+    server_pid = sys.argv[1]
+    watched = _existing_process(int(server_pid))
+    while _alive(watched):
+        time.sleep(0.5)
+    processes = [p for p in psutil.process_iter() if p.pid != os.getpid() and _tag(p) == server_pid]
+    folders = stub_model_folders(processes)
+    time.sleep(STUB_GRACE_S)
+    reap_leftovers(processes, folders)
+
+
+def _tag(process: psutil.Process) -> str | None:
+    try:
+        return process.environ().get(REAPER_TAG)
+    except psutil.Error:
+        return None
+
+
+def _alive(process: psutil.Process | None) -> bool:
+    try:
+        return process is not None and process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _existing_process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
 
 
 def wait_for_stop(triton: Any, engine: BatchingEngine, stop: threading.Event, group: Group | None) -> str | None:

@@ -3,6 +3,11 @@
 
     python benchmarks/benchmark.py --model-name random/125M --batch-size 8 --prompt-length 32 --output-length 64
 
+With --number-of-nodes N > 1 the same batch also goes through a group of N server processes of
+--number-of-gpus devices each, beside one server process holding all N x --number-of-gpus devices, so
+that the cost of crossing processes is measured on the same model, devices and batch. On the CPU the
+devices are simulated (XLA_FLAGS=--xla_force_host_platform_device_count, set here when missing).
+
 "Generation alone" calls opt_utils.Generator in this process. "Through the server" starts
 `server.py` with the same model and settings on loopback ports (after the direct runs, so the two
 never share the CPU), sends the same batch as one Triton request and compares its latency with the
@@ -34,7 +39,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-length", type=int, default=32, help="prompt tokens per row, BOS included")
     parser.add_argument("--output-length", type=int, default=64, help="tokens generated per row")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (after one untimed run)")
-    parser.add_argument("--number-of-gpus", type=int, default=1)
+    parser.add_argument("--number-of-gpus", type=int, default=1, help="devices per server process")
+    parser.add_argument("--number-of-nodes", type=int, default=1,
+                        help="also serve the batch from this many processes (a multi-node group on loopback)")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "opt-jax"))
     parser.add_argument("--skip-server", action="store_true", help="measure the generation alone")
     parser.add_argument("--time-to-ready", action="store_true",
@@ -59,7 +66,7 @@ def direct(args: argparse.Namespace) -> dict:
 
     opt_utils.enable_compilation_cache(args.cache_dir)
     config = opt_utils.model_config(args.model_name, args.cache_dir)
-    mesh = opt_utils.make_mesh(jax.local_devices()[: args.number_of_gpus], config)
+    mesh = opt_utils.make_mesh(jax.local_devices()[: args.number_of_gpus * args.number_of_nodes], config)
     model = opt_utils.build_model(config, dtype=jnp.dtype(args.dtype), mesh=mesh)
     params = (opt_utils.random_params(model, mesh) if opt_utils.is_random(args.model_name)
               else opt_utils.load_params(opt_utils.model_dir(args.model_name, args.cache_dir), model, mesh))
@@ -85,15 +92,19 @@ def direct(args: argparse.Namespace) -> dict:
     }
 
 
-def through_server(args: argparse.Namespace, generated: int) -> dict:
-    """Starts server.py, sends the batch as one request `repeats` times; returns latency and tokens/s."""
-    from serving import infer, start_server, wait_ready
+def through_server(args: argparse.Namespace, generated: int, *, nodes: int, gpus: int) -> dict:
+    """Starts server.py as `nodes` processes of `gpus` devices, sends the batch as one request `repeats`
+    times; returns latency and tokens/s."""
+    from serving import infer, start_group, start_server, wait_ready
 
+    extra = ("--dtype", args.dtype, "--max-batch-size", str(args.batch_size))
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(
-            Path(tmp), Path(args.cache_dir), "--dtype", args.dtype, "--max-batch-size", str(args.batch_size),
-            "--number-of-gpus", str(args.number_of_gpus), model=args.model_name,
-        )
+        if nodes == 1:
+            ranks = [start_server(Path(tmp), Path(args.cache_dir), *extra, "--number-of-gpus", str(gpus),
+                                  model=args.model_name)]
+        else:
+            ranks = start_group(Path(tmp), Path(args.cache_dir), nodes, *extra, gpus=gpus, model=args.model_name)
+        server = ranks[0]
         try:
             begin = time.perf_counter()
             wait_ready(server, timeout=1800)
@@ -107,10 +118,12 @@ def through_server(args: argparse.Namespace, generated: int) -> dict:
                 infer(server.http_url, prompts, lengths, timeout=600)
                 latencies.append(time.perf_counter() - begin)
         finally:
-            server.stop()
-            server.kill_group()
+            for rank in ranks:
+                rank.stop()
+                rank.kill_group()
     latency = statistics.median(latencies)
-    return {"latency_s": latency, "tokens_per_s": generated / latency, "ready_s": ready_s}
+    return {"latency_s": latency, "tokens_per_s": generated / latency, "ready_s": ready_s,
+            "processes": nodes, "devices_per_process": gpus}
 
 
 def time_to_ready(args: argparse.Namespace) -> dict:
@@ -137,6 +150,7 @@ def time_to_ready(args: argparse.Namespace) -> dict:
 def main() -> int:
     args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    simulate_cpu_devices(args.number_of_gpus * args.number_of_nodes)
     if args.time_to_ready:
         ready = time_to_ready(args)
         print(f"{args.model_name} {args.dtype}, --max-batch-size {args.max_batch_size or 256}: ready in "
@@ -146,9 +160,14 @@ def main() -> int:
     result = {"model": args.model_name, "dtype": args.dtype, "batch": args.batch_size,
               "prompt": args.prompt_length, "output": args.output_length, "alone": alone}
     if not args.skip_server:
-        served = through_server(args, alone["tokens"])
+        devices = args.number_of_gpus * args.number_of_nodes
+        served = through_server(args, alone["tokens"], nodes=1, gpus=devices)
         served["overhead"] = served["latency_s"] / alone["latency_s"] - 1
         result["server"] = served
+        if args.number_of_nodes > 1:
+            grouped = through_server(args, alone["tokens"], nodes=args.number_of_nodes, gpus=args.number_of_gpus)
+            grouped["overhead"] = grouped["latency_s"] / served["latency_s"] - 1
+            result["group"] = grouped
     if args.json:
         print(json.dumps(result))
         return 0
@@ -160,7 +179,19 @@ def main() -> int:
         s = result["server"]
         print(f"  through server   : {s['tokens_per_s']:8.1f} tokens/s, request {s['latency_s']:.3f} s "
               f"({s['overhead'] * 100:+.1f}% over the generation alone; server ready in {s['ready_s']:.1f} s)")
+    if "group" in result:
+        g = result["group"]
+        print(f"  {g['processes']} processes x {g['devices_per_process']} devices: {g['tokens_per_s']:8.1f} tokens/s, "
+              f"request {g['latency_s']:.3f} s ({g['overhead'] * 100:+.1f}% over 1 process x "
+              f"{args.number_of_gpus * args.number_of_nodes} devices; ready in {g['ready_s']:.1f} s)")
     return 0
+
+
+def simulate_cpu_devices(count: int) -> None:
+    """On the CPU, asks XLA for `count` host devices (before jax starts) unless XLA_FLAGS already says."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu" and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
 if __name__ == "__main__":

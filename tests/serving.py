@@ -104,8 +104,8 @@ def start_server(tmp: Path, cache_dir: Path, *extra: str, model: str = "random/t
 
 
 def start_group(tmp: Path, cache_dir: Path, nodes: int, *extra: str, order: Sequence[int] | None = None,
-                model: str = "random/tiny", gap: float = 1.0) -> list[ServerProcess]:
-    """`nodes` processes of one multi-node group on loopback, two simulated devices each, started in `order`
+                model: str = "random/tiny", gap: float = 1.0, gpus: int = 2) -> list[ServerProcess]:
+    """`nodes` processes of one multi-node group on loopback, `gpus` devices each, started in `order`
     (`gap` seconds apart; all ranks by default); returned in rank order. Each runs in a session of its own,
     as on its own node."""
     (head_port,) = free_ports(1)
@@ -113,7 +113,7 @@ def start_group(tmp: Path, cache_dir: Path, nodes: int, *extra: str, order: Sequ
     for rank in order if order is not None else range(nodes):
         started[rank] = start_server(
             tmp, cache_dir, "--head-url", f"127.0.0.1:{head_port}", "--number-of-nodes", str(nodes),
-            "--rank", str(rank), "--number-of-gpus", "2", *extra, model=model, name=f"rank{rank}",
+            "--rank", str(rank), "--number-of-gpus", str(gpus), *extra, model=model, name=f"rank{rank}",
         )
         time.sleep(gap)
     return [started[rank] for rank in sorted(started)]

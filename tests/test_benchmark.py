@@ -1,4 +1,4 @@
-"""The benchmark script runs end to end (on the tiny model, through a real server) and reports its numbers."""
+"""The benchmark script runs end to end (on the tiny model, through a real server and a two-process group)."""
 from __future__ import annotations
 
 import json
@@ -8,14 +8,17 @@ import sys
 from serving import ROOT
 
 
-def test_benchmark_reports_generation_alone_and_through_the_server():
+def test_benchmark_reports_generation_alone_through_the_server_and_through_a_two_process_group():
     command = [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--model-name", "random/tiny",
                "--dtype", "float32", "--batch-size", "2", "--prompt-length", "8", "--output-length", "6",
-               "--repeats", "1", "--json"]
+               "--repeats", "1", "--number-of-nodes", "2", "--number-of-gpus", "1", "--json"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    alone, server = report["alone"], report["server"]
+    alone, server, group = report["alone"], report["server"], report["group"]
     assert 0 < alone["tokens"] <= 2 * 6
     assert alone["tokens_per_s"] > 0 and 0 < alone["ttft_s"] <= alone["latency_s"]
     assert server["latency_s"] > 0 and server["tokens_per_s"] > 0
+    assert (server["processes"], server["devices_per_process"]) == (1, 2)
+    assert (group["processes"], group["devices_per_process"]) == (2, 1)
+    assert group["latency_s"] > 0 and group["tokens_per_s"] > 0
