@@ -497,6 +497,8 @@ class PeerMonitor:
             if problem and not self._finished.is_set():
                 self.lost, status = problem
                 self.lost_event.set()
+                if self._rank == 0:  # the other workers hear it from the store, not from jax's abort
+                    self.leave(self.lost, failed=True)
                 self._on_lost(self.lost, status)
                 return
 
@@ -672,6 +674,8 @@ def on_peer_lost(rank: int, reason: str, status: int) -> None:
     """The monitor's verdict: a worker exits at once; rank 0 fails its requests and stops Triton first."""
     LOGGER.log(logging.ERROR if status else logging.INFO, "%s; ending this rank", reason)
     threading.Timer(EXIT_GRACE_S, exit_now, args=(1,)).start()  # whatever stopping does, it ends in time
+    if rank == 0 and not serving.is_set():
+        time.sleep(2 * HEARTBEAT_INTERVAL_S)  # let the workers read why (the store goes with this process)
     if rank != 0 or not serving.is_set():
         exit_now(status)
     # rank 0 while serving: wait_for_stop sees monitor.lost within a second and stops Triton
@@ -691,6 +695,8 @@ def leave_group(group: Group | None, status: int, *, clean: bool) -> int:
     if group is None:
         return status
     group.monitor.stop()
+    if group.rank == 0 and not clean:  # let the workers read why (the store goes with this process)
+        time.sleep(2 * HEARTBEAT_INTERVAL_S)
     if clean:
         import jax
 

@@ -3,11 +3,13 @@ one jax.distributed group; rank 0 serves Triton. Faults are real: kill -9 and SI
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import re
 import signal
 import time
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import psutil
 import pytest
@@ -39,6 +41,18 @@ def reference(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> list
 def stop_all(ranks: list[ServerProcess]) -> None:
     for rank in ranks:
         rank.kill_group()
+
+
+@contextlib.contextmanager
+def serving_group(tmp: Path, cache_dir: Path, nodes: int, order: Sequence[int] | None = None
+                  ) -> Iterator[list[ServerProcess]]:
+    """A ready group of `nodes` ranks, by rank; whatever is left of it is killed afterwards."""
+    ranks = start_group(tmp, cache_dir, nodes, *SERVER_ARGS, order=order)
+    try:
+        wait_ready(ranks[0])
+        yield ranks
+    finally:
+        stop_all(ranks)
 
 
 def running(ranks: list[ServerProcess]) -> list[str]:
@@ -128,9 +142,7 @@ def test_a_worker_alone_says_rank_0_never_came(tmp_path: Path, cache_dir: Path):
 def test_two_ranks_started_worker_first_answer_the_single_process_text_and_stop_together(
     tmp_path: Path, cache_dir: Path, reference: list[str]
 ):
-    ranks = start_group(tmp_path, cache_dir, 2, *SERVER_ARGS, order=[1, 0])
-    try:
-        wait_ready(ranks[0])
+    with serving_group(tmp_path, cache_dir, 2, order=[1, 0]) as ranks:
         assert_group_serves(ranks[0], reference)
         begin = time.monotonic()
         assert ranks[0].stop(signal.SIGTERM, timeout=30) == 0
@@ -138,8 +150,6 @@ def test_two_ranks_started_worker_first_answer_the_single_process_text_and_stop_
         assert time.monotonic() - begin < 20
         assert "rank 0 stopped the group" in ranks[1].log()
         assert_nothing_left(ranks)
-    finally:
-        stop_all(ranks)
 
 
 def weight_bytes(log: str) -> tuple[dict[str, int], int, int, int]:
@@ -153,9 +163,7 @@ def weight_bytes(log: str) -> tuple[dict[str, int], int, int, int]:
 def test_three_ranks_hold_a_sixth_of_the_split_weights_each_and_a_worker_sigterm_ends_the_group(
     tmp_path: Path, cache_dir: Path, reference: list[str]
 ):
-    ranks = start_group(tmp_path, cache_dir, 3, *SERVER_ARGS, order=[0, 2, 1])
-    try:
-        wait_ready(ranks[0])
+    with serving_group(tmp_path, cache_dir, 3, order=[0, 2, 1]) as ranks:
         assert_group_serves(ranks[0], reference)
         for rank in ranks:
             held, split, devices, replicated = weight_bytes(rank.log())
@@ -168,8 +176,6 @@ def test_three_ranks_hold_a_sixth_of_the_split_weights_each_and_a_worker_sigterm
         assert "lost rank 2: it left the group" in ranks[0].log()
         assert "rank 0 ended the group: lost rank 2" in ranks[1].log()
         assert_nothing_left(ranks)
-    finally:
-        stop_all(ranks)
 
 
 # --- faults ---------------------------------------------------------------------------------------
@@ -178,9 +184,7 @@ def test_three_ranks_hold_a_sixth_of_the_split_weights_each_and_a_worker_sigterm
 def test_a_worker_killed_while_idle_fails_new_requests_and_ends_every_rank_in_time(
     tmp_path: Path, cache_dir: Path
 ):
-    ranks = start_group(tmp_path, cache_dir, 3, *SERVER_ARGS)
-    try:
-        wait_ready(ranks[0])
+    with serving_group(tmp_path, cache_dir, 3) as ranks:
         killed = time.monotonic()
         ranks[1].kill_group()  # kill -9, as a node that vanishes
         with pytest.raises(Exception):
@@ -193,14 +197,10 @@ def test_a_worker_killed_while_idle_fails_new_requests_and_ends_every_rank_in_ti
         assert "lost rank 1: no heartbeat" in ranks[0].log()
         assert "lost rank 1" in ranks[2].log()
         assert_nothing_left(ranks)
-    finally:
-        stop_all(ranks)
 
 
 def test_a_worker_killed_during_a_long_request_fails_that_request_in_time(tmp_path: Path, cache_dir: Path):
-    ranks = start_group(tmp_path, cache_dir, 2, *SERVER_ARGS)
-    try:
-        wait_ready(ranks[0])
+    with serving_group(tmp_path, cache_dir, 2) as ranks:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             long = pool.submit(infer, ranks[0].grpc_url, ["A long story"], [2000], 120)
             time.sleep(2)
@@ -213,19 +213,13 @@ def test_a_worker_killed_during_a_long_request_fails_that_request_in_time(tmp_pa
         assert wait_exit(ranks[0], FAULT_DEADLINE_S) == 1
         assert "lost rank 1" in ranks[0].log()
         assert_nothing_left(ranks)
-    finally:
-        stop_all(ranks)
 
 
 def test_rank_0_killed_ends_every_worker_and_leaves_no_triton_behind(tmp_path: Path, cache_dir: Path):
-    ranks = start_group(tmp_path, cache_dir, 2, *SERVER_ARGS)
-    try:
-        wait_ready(ranks[0])
+    with serving_group(tmp_path, cache_dir, 2) as ranks:
         killed = time.monotonic()
         ranks[0].process.send_signal(signal.SIGKILL)  # the server process alone: Triton must follow it
         assert wait_exit(ranks[1], FAULT_DEADLINE_S) == 1
         assert time.monotonic() - killed < FAULT_DEADLINE_S
         assert "lost rank 0: its coordination service" in ranks[1].log()
         assert_nothing_left(ranks)
-    finally:
-        stop_all(ranks)
