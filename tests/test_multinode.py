@@ -189,10 +189,12 @@ def test_a_worker_killed_while_idle_fails_new_requests_and_ends_every_rank_in_ti
         ranks[1].kill_group()  # kill -9, as a node that vanishes
         with pytest.raises(Exception):
             infer(ranks[0].http_url, ["After the loss"], [8], timeout=FAULT_DEADLINE_S)
+        print(f"worker killed idle: a new request failed {time.monotonic() - killed:.1f} s later")
         assert time.monotonic() - killed < FAULT_DEADLINE_S
         assert wait_exit(ranks[0], FAULT_DEADLINE_S) == 1
         assert not is_live(ranks[0])
         assert wait_exit(ranks[2], 10) == 1
+        print(f"worker killed idle: every rank gone {time.monotonic() - killed:.1f} s later")
         assert time.monotonic() - killed < FAULT_DEADLINE_S
         assert "lost rank 1: no heartbeat" in ranks[0].log()
         assert "lost rank 1" in ranks[2].log()
@@ -209,8 +211,10 @@ def test_a_worker_killed_during_a_long_request_fails_that_request_in_time(tmp_pa
             ranks[1].kill_group()
             with pytest.raises(Exception, match="lost rank 1|Gloo|generation engine failed"):
                 long.result(timeout=FAULT_DEADLINE_S)
+            print(f"worker killed mid-request: the request failed {time.monotonic() - killed:.1f} s later")
         assert time.monotonic() - killed < FAULT_DEADLINE_S
         assert wait_exit(ranks[0], FAULT_DEADLINE_S) == 1
+        print(f"worker killed mid-request: rank 0 gone {time.monotonic() - killed:.1f} s later")
         assert "lost rank 1" in ranks[0].log()
         assert_nothing_left(ranks)
 
@@ -220,6 +224,7 @@ def test_rank_0_killed_ends_every_worker_and_leaves_no_triton_behind(tmp_path: P
         killed = time.monotonic()
         ranks[0].process.send_signal(signal.SIGKILL)  # the server process alone: Triton must follow it
         assert wait_exit(ranks[1], FAULT_DEADLINE_S) == 1
+        print(f"rank 0 killed: the worker gone {time.monotonic() - killed:.1f} s later")
         assert time.monotonic() - killed < FAULT_DEADLINE_S
         assert "lost rank 0: its coordination service" in ranks[1].log()
         assert_nothing_left(ranks)
