@@ -68,6 +68,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peer-timeout", type=float, default=10.0,
                         help="seconds without a heartbeat after which a rank is declared lost and the whole group "
                              "exits non-zero (multi-node only)")
+    parser.add_argument("--health-file", default=None,
+                        help="multi-node workers touch this file every second while ready and in a healthy group "
+                             "(Kubernetes probes check its age; rank 0 has Triton's health endpoints)")
     parser.add_argument("--verbose", action="store_true", help="debug logging, Triton's included")
     args = parser.parse_args(argv)
     if not 0 <= args.rank < args.number_of_nodes:
@@ -452,12 +455,14 @@ class PeerMonitor:
     """
 
     def __init__(self, client: Any, *, rank: int, size: int, timeout: float,
-                 on_lost: Callable[[str, int], None]):
+                 on_lost: Callable[[str, int], None], health_file: str | None = None):
         self._client = client
         self._rank = rank
         self._watched = list(range(1, size)) if rank == 0 else [0]
         self.timeout = timeout
         self._on_lost = on_lost
+        self._health_file = Path(health_file) if health_file else None
+        self.ready = threading.Event()  # set by a worker once it can run batches: then the file is touched
         self._seen: dict[int, tuple[str | None, float]] = {}  # rank -> (last heartbeat, when it last changed)
         self._unreachable_since: float | None = None
         self._finished = threading.Event()
@@ -501,6 +506,8 @@ class PeerMonitor:
                     self.leave(self.lost, failed=True)
                 self._on_lost(self.lost, status)
                 return
+            if self._health_file and self.ready.is_set():
+                self._health_file.touch()
 
     def _check(self, beat: int) -> tuple[str, int] | None:
         now = time.monotonic()
@@ -547,6 +554,7 @@ class Group:
     def announce_ready(self) -> None:
         """A worker has its weights and programs: rank 0 may start taking requests."""
         self.client.key_value_set(f"{KEY_PREFIX}ready/{self.rank}", socket.gethostname())
+        self.monitor.ready.set()
 
     def wait_until_ready(self) -> None:
         """Rank 0: blocks until every worker has its weights and programs (a signal still interrupts)."""
@@ -592,7 +600,8 @@ def join_group(args: argparse.Namespace, stop: threading.Event) -> Group:
     LOGGER.info("joined: %d ranks, %d devices in all", jax.process_count(), jax.device_count())
     client = distributed.global_state.client
     monitor = PeerMonitor(client, rank=args.rank, size=args.number_of_nodes, timeout=args.peer_timeout,
-                          on_lost=lambda reason, status: on_peer_lost(args.rank, reason, status))
+                          on_lost=lambda reason, status: on_peer_lost(args.rank, reason, status),
+                          health_file=args.health_file)
     monitor.start()
     return Group(args.rank, args.number_of_nodes, client, Channel(client), monitor)
 

@@ -44,10 +44,10 @@ def stop_all(ranks: list[ServerProcess]) -> None:
 
 
 @contextlib.contextmanager
-def serving_group(tmp: Path, cache_dir: Path, nodes: int, order: Sequence[int] | None = None
+def serving_group(tmp: Path, cache_dir: Path, nodes: int, *extra: str, order: Sequence[int] | None = None
                   ) -> Iterator[list[ServerProcess]]:
     """A ready group of `nodes` ranks, by rank; whatever is left of it is killed afterwards."""
-    ranks = start_group(tmp, cache_dir, nodes, *SERVER_ARGS, order=order)
+    ranks = start_group(tmp, cache_dir, nodes, *SERVER_ARGS, *extra, order=order)
     try:
         wait_ready(ranks[0])
         yield ranks
@@ -142,8 +142,10 @@ def test_a_worker_alone_says_rank_0_never_came(tmp_path: Path, cache_dir: Path):
 def test_two_ranks_started_worker_first_answer_the_single_process_text_and_stop_together(
     tmp_path: Path, cache_dir: Path, reference: list[str]
 ):
-    with serving_group(tmp_path, cache_dir, 2, order=[1, 0]) as ranks:
+    health = tmp_path / "worker-health"
+    with serving_group(tmp_path, cache_dir, 2, "--health-file", str(health), order=[1, 0]) as ranks:
         assert_group_serves(ranks[0], reference)
+        assert time.time() - health.stat().st_mtime < 3  # the ready worker touches it every second
         begin = time.monotonic()
         assert ranks[0].stop(signal.SIGTERM, timeout=30) == 0
         assert wait_exit(ranks[1], 15) == 0
