@@ -1,0 +1,109 @@
+{{/*
+The chart's name, or nameOverride; 63 characters at most (a DNS label).
+*/}}
+{{- define "multi-node.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The StatefulSet's name: fullnameOverride, else <release>-<name>, or the release name alone when it already holds
+the chart's name. 52 characters at most, not 63: the controller labels each pod with
+controller-revision-hash=<name>-<10-character hash>, a label value of 63 characters at most.
+*/}}
+{{- define "multi-node.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The headless Service that gives pod N the DNS name <fullname>-N.<this>.<namespace>.svc.<cluster domain>
+(61 characters at most).
+*/}}
+{{- define "multi-node.headlessServiceName" -}}
+{{- printf "%s-headless" (include "multi-node.fullname" .) }}
+{{- end }}
+
+{{/*
+The Service clients call, which reaches rank 0 only: <release>-service in the single-node and the multi-node chart
+alike, so that the test chart's default serviceUrl (http://jax-example-service:8000) reaches whichever serves the
+release jax-example.
+*/}}
+{{- define "multi-node.serviceName" -}}
+{{- printf "%s-service" .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Rank 0's pod: the StatefulSet's pod of ordinal 0.
+*/}}
+{{- define "multi-node.headPodName" -}}
+{{- printf "%s-0" (include "multi-node.fullname" .) }}
+{{- end }}
+
+{{/*
+Chart name and version, for the helm.sh/chart label.
+*/}}
+{{- define "multi-node.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels of every resource.
+*/}}
+{{- define "multi-node.labels" -}}
+helm.sh/chart: {{ include "multi-node.chart" . }}
+{{ include "multi-node.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Labels that tell this release's resources from any other's.
+*/}}
+{{- define "multi-node.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "multi-node.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Labels that select the group's pods (and not the `helm test` pod, whose component is test).
+*/}}
+{{- define "multi-node.serverSelectorLabels" -}}
+{{ include "multi-node.selectorLabels" . }}
+app.kubernetes.io/component: server
+{{- end }}
+
+{{/*
+Container resources: statefulset.resources with the nvidia.com/gpu limit set to statefulset.numOfGPUs.
+*/}}
+{{- define "multi-node.resources" -}}
+{{- $resources := deepCopy (.Values.statefulset.resources | default dict) }}
+{{- $limits := deepCopy ($resources.limits | default dict) }}
+{{- $_ := set $limits "nvidia.com/gpu" (int .Values.statefulset.numOfGPUs) }}
+{{- $_ := set $resources "limits" $limits }}
+{{- toYaml $resources }}
+{{- end }}
+
+{{/*
+Where the ConfigMap with entrypoint.sh is mounted in the server container.
+*/}}
+{{- define "multi-node.scriptDir" -}}
+/opt/opt-jax-kubernetes
+{{- end }}
+
+{{/*
+The exec probe of a rank: entrypoint.sh probe live|ready (the argument), the same for every pod.
+*/}}
+{{- define "multi-node.probe" -}}
+exec:
+  command: [sh, {{ include "multi-node.scriptDir" .root }}/entrypoint.sh, probe, {{ .kind }}]
+{{- end }}
