@@ -173,3 +173,18 @@ def infer(url: str, prompts: Sequence[bytes | str], lengths: Sequence[int], time
 
 def run_client(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "client.py"), *args], capture_output=True, text=True, timeout=120)
+
+
+def tool(name: str) -> str:
+    """A command installed beside this interpreter (the venv's bin), else on PATH; fails the test without either."""
+    import shutil
+
+    import pytest
+
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is neither next to {sys.executable} nor on PATH: ./install.sh --test installs it")
+    return found

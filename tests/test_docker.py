@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from serving import tool
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 BUILD_AND_PUSH = ROOT / "kubernetes" / "build_and_push.sh"
@@ -29,17 +31,6 @@ INSTALL = ROOT / "install.sh"
 BASE_IMAGE = "nvcr.io/nvidia/cuda:12.8.1-base-ubuntu24.04"
 EXAMPLE_BASE_IMAGE = "nvcr.io/nvidia/tensorflow:24.10-tf2-py3"
 IMAGE = "registry.example.com:5000/opt-jax:0.1"
-
-
-def tool(name: str) -> str:
-    """A command installed beside this interpreter (the venv's bin), else on PATH; fails the test without either."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} is not installed: run ./install.sh --test")
-    return found
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from typing import Any, Iterator, Sequence
 
 import pytest
 import yaml
+
+from serving import tool
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "kubernetes"
@@ -51,17 +52,6 @@ DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # what a Service'
 # ------------------------------------------------------------------------------------------------------------------
 # Running helm and kubernetes-validate
 # ------------------------------------------------------------------------------------------------------------------
-
-
-def tool(name: str) -> str:
-    """A command beside this interpreter (the venv's bin), else on PATH; fails the test when neither has it."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} is neither next to {sys.executable} nor on PATH: ./install.sh --test installs it")
-    return found
 
 
 def helm(*args: str) -> subprocess.CompletedProcess:
