@@ -513,9 +513,7 @@ def load_params(folder: Path, model: OPTForCausalLM, mesh: Mesh) -> Any:
     abstract = abstract_params(model)
     shardings = param_shardings(abstract, mesh)
     flat_abstract = {path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(abstract)}
-    # What the checkpoint holds: the unpadded vocabulary.
-    unpadded = abstract_params(model.clone(vocab_multiple=1))
-    stored = {path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(unpadded)}
+    stored = {name: _unpadded(name, leaf, model.config.vocab_size) for name, leaf in flat_abstract.items()}
     plans = {name: tensor_plan(name, model.config) for name in flat_abstract}
     check_checkpoint(source, plans, stored)
 
@@ -528,6 +526,16 @@ def load_params(folder: Path, model: OPTForCausalLM, mesh: Mesh) -> Any:
 
     with tqdm(total=len(flat_abstract), desc=f"loading {folder.name}", unit="tensor") as progress:
         return jax.tree_util.tree_map_with_path(place, abstract, shardings)
+
+
+def _unpadded(name: str, leaf: jax.ShapeDtypeStruct, vocab_size: int) -> jax.ShapeDtypeStruct:
+    """The shape a checkpoint holds for one of our parameters: the vocabulary axis unpadded."""
+    axis = VOCAB_AXES.get(name)
+    if axis is None:
+        return leaf
+    shape = list(leaf.shape)
+    shape[axis] = vocab_size
+    return jax.ShapeDtypeStruct(tuple(shape), leaf.dtype)
 
 
 def _full_slices(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:

@@ -420,16 +420,27 @@ class Channel:
 
     def receive(self, stop: threading.Event) -> list[Any] | None:
         """Workers: the next batch; None when rank 0 says stop or a signal sets `stop`."""
-        while not stop.is_set():
-            try:
-                message = self._client.blocking_key_value_get_bytes(self._key(self._received), RECEIVE_POLL_MS)
-            except Exception as error:  # not sent yet, or rank 0 is gone: then the monitor ends this process
-                if "DEADLINE_EXCEEDED" not in str(error):
-                    time.sleep(RECEIVE_POLL_MS / 1000)
-                continue
-            self._received += 1
-            return decode_batch(message)
-        return None
+        message = await_key(self._client, self._key(self._received), stop)
+        if message is None:
+            return None
+        self._received += 1
+        return decode_batch(message)
+
+
+def await_key(client: Any, key: str, stop: threading.Event | None = None) -> bytes | None:
+    """Waits for `key` in the key-value store and returns its value; None once `stop` is set.
+
+    The wait is cut into RECEIVE_POLL_MS slices so that `stop` and signals are seen. A store that does
+    not answer at all (rank 0 gone) is retried at that pace too, not in a busy loop: the peer monitor
+    ends the process then.
+    """
+    while stop is None or not stop.is_set():
+        try:
+            return client.blocking_key_value_get_bytes(key, RECEIVE_POLL_MS)
+        except Exception as error:  # not there yet (the deadline passed), or the store is unreachable
+            if "DEADLINE_EXCEEDED" not in str(error):
+                time.sleep(RECEIVE_POLL_MS / 1000)
+    return None
 
 
 @dataclasses.dataclass
@@ -560,12 +571,7 @@ class Group:
         """Rank 0: blocks until every worker has its weights and programs (a signal still interrupts)."""
         for rank in range(1, self.size):
             LOGGER.info("waiting for rank %d to finish loading and compiling", rank)
-            while True:
-                try:
-                    self.client.blocking_key_value_get(f"{KEY_PREFIX}ready/{rank}", RECEIVE_POLL_MS)
-                    break
-                except Exception:  # not ready yet; a lost worker ends this process from the monitor
-                    continue
+            await_key(self.client, f"{KEY_PREFIX}ready/{rank}")  # a lost worker ends this process from the monitor
         LOGGER.info("all %d ranks are ready", self.size)
 
 
@@ -684,10 +690,16 @@ def on_peer_lost(rank: int, reason: str, status: int) -> None:
     LOGGER.log(logging.ERROR if status else logging.INFO, "%s; ending this rank", reason)
     threading.Timer(EXIT_GRACE_S, exit_now, args=(1,)).start()  # whatever stopping does, it ends in time
     if rank == 0 and not serving.is_set():
-        time.sleep(2 * HEARTBEAT_INTERVAL_S)  # let the workers read why (the store goes with this process)
+        let_workers_read_why()
     if rank != 0 or not serving.is_set():
         exit_now(status)
     # rank 0 while serving: wait_for_stop sees monitor.lost within a second and stops Triton
+
+
+def let_workers_read_why() -> None:
+    """Rank 0, before exiting on its own: the store goes with this process, so give the workers' monitors
+    two heartbeats to read `ended` or `stopped` rather than learn of it from jax's abort."""
+    time.sleep(2 * HEARTBEAT_INTERVAL_S)
 
 
 def exit_now(status: int) -> None:
@@ -704,8 +716,8 @@ def leave_group(group: Group | None, status: int, *, clean: bool) -> int:
     if group is None:
         return status
     group.monitor.stop()
-    if group.rank == 0 and not clean:  # let the workers read why (the store goes with this process)
-        time.sleep(2 * HEARTBEAT_INTERVAL_S)
+    if group.rank == 0 and not clean:
+        let_workers_read_why()
     if clean:
         import jax
 
