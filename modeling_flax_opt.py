@@ -4,12 +4,13 @@ The network and nothing else: no requests, no ranks, no Triton. One call runs T 
 through every layer against a key/value cache, writes their keys and values into cache columns
 `column .. column+T-1` (the same columns for every row) and returns the logits of the last token:
 
-    logits, cache = model.apply({"params": params}, tokens, cache, column, first_valid)
+    logits, cache = model.apply({"params": params}, tokens, cache, column, first_valid, window=None)
 
     tokens:      [B, T] int32  the new tokens; rows are left-padded, so every row's newest token is last
     cache:       KVCache       k, v: L arrays of [B, H, C, Dh]
     column:      [] int32      the cache column of tokens[:, 0]
     first_valid: [B] int32     each row's first real column: columns before it hold padding, never read
+    window:      static int or None: attend over only the `window` columns ending at the last new token's
     logits:      [B, V_padded] float32
 
 A row's position (for OPT's learned position embeddings) is its column minus `first_valid`. Writing
@@ -148,16 +149,25 @@ def _layer_norm(config: OPTConfig, dtype: Any, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=dtype, use_bias=affine, use_scale=affine, name=name)
 
 
-def attend(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, column: jax.Array, first_valid: jax.Array) -> jax.Array:
+def attend(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, column: jax.Array, first_valid: jax.Array,
+           window: int | None = None) -> jax.Array:
     """Softmax attention of T new queries over the row's cache columns, the new ones up to themselves.
 
     q: [B, H, T, Dh] (already scaled), for columns column..column+T-1; cache_k, cache_v: [B, H, C, Dh]
     with the new keys and values already written; first_valid: [B]. Returns [B, H, T, Dh].
+    With `window` W < C only the W columns ending at the last query's are read (the decode loop of
+    the slot engine keeps every live row inside them), so a step costs W columns, not C.
     Padding queries get finite garbage (they attend to at least their own column).
     """
     T, C = q.shape[2], cache_k.shape[2]
+    start = jnp.int32(0)
+    if window is not None and window < C:
+        start = jnp.clip(column + T - window, 0, C - window).astype(jnp.int32)
+        cache_k = jax.lax.dynamic_slice_in_dim(cache_k, start, window, axis=2)
+        cache_v = jax.lax.dynamic_slice_in_dim(cache_v, start, window, axis=2)
+        C = window
     scores = jnp.einsum("bhtd,bhcd->bhtc", q, cache_k, preferred_element_type=jnp.float32)
-    cols = jnp.arange(C)[None, None, :]  # [1, 1, C]
+    cols = (start + jnp.arange(C))[None, None, :]  # [1, 1, C]
     query_cols = (column + jnp.arange(T))[None, :, None]  # [1, T, 1]
     valid = (cols >= first_valid[:, None, None]) & (cols <= query_cols)  # [B, T, C]
     scores = jnp.where(valid[:, None], scores, jnp.finfo(jnp.float32).min)
@@ -171,7 +181,8 @@ class OPTAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, cache_k: jax.Array, cache_v: jax.Array, column: jax.Array, first_valid: jax.Array
+        self, x: jax.Array, cache_k: jax.Array, cache_v: jax.Array, column: jax.Array, first_valid: jax.Array,
+        window: int | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         # x: [B, T, D]; cache_k, cache_v: [B, H, C, Dh] -> out [B, T, D] and the cache with the T new columns.
         # Writing before attending leaves no reader of the old cache, so XLA updates it in place.
@@ -185,7 +196,7 @@ class OPTAttention(nn.Module):
         v = heads(_dense(D, bias, self.dtype, "v_proj")(x))
         cache_k = write_cache(cache_k, k, column)
         cache_v = write_cache(cache_v, v, column)
-        out = attend(q, cache_k, cache_v, column, first_valid).transpose(0, 2, 1, 3).reshape(B, T, D)
+        out = attend(q, cache_k, cache_v, column, first_valid, window).transpose(0, 2, 1, 3).reshape(B, T, D)
         return _dense(D, bias, self.dtype, "out_proj")(out), cache_k, cache_v
 
 
@@ -195,7 +206,8 @@ class OPTDecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, cache_k: jax.Array, cache_v: jax.Array, column: jax.Array, first_valid: jax.Array
+        self, x: jax.Array, cache_k: jax.Array, cache_v: jax.Array, column: jax.Array, first_valid: jax.Array,
+        window: int | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         # x: [B, T, D]; cache_k, cache_v: [B, H, C, Dh] (this layer's) -> x, the cache with T new columns
         cfg = self.config
@@ -204,7 +216,8 @@ class OPTDecoderLayer(nn.Module):
         ffn_norm = _layer_norm(cfg, self.dtype, "final_layer_norm")
 
         h = attn_norm(x) if pre else x
-        h, cache_k, cache_v = OPTAttention(cfg, self.dtype, name="self_attn")(h, cache_k, cache_v, column, first_valid)
+        h, cache_k, cache_v = OPTAttention(cfg, self.dtype, name="self_attn")(
+            h, cache_k, cache_v, column, first_valid, window)
         x = x + h
         x = x if pre else attn_norm(x)
 
@@ -245,9 +258,9 @@ class OPTForCausalLM(nn.Module):
         self.layers = [OPTDecoderLayer(cfg, self.dtype, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
 
     def __call__(
-        self, tokens: jax.Array, cache: KVCache, column: jax.Array, first_valid: jax.Array
+        self, tokens: jax.Array, cache: KVCache, column: jax.Array, first_valid: jax.Array, window: int | None = None
     ) -> tuple[jax.Array, KVCache]:
-        # tokens: [B, T]; column: []; first_valid: [B] -> logits [B, V_padded] (float32) of tokens[:, -1], new cache
+        # tokens: [B, T]; column: []; first_valid: [B]; window: static, see `attend` -> logits [B, V_padded] (float32) of tokens[:, -1], new cache
         cfg = self.config
         T = tokens.shape[1]
         columns = column + jnp.arange(T, dtype=jnp.int32)  # [T]
@@ -259,7 +272,7 @@ class OPTForCausalLM(nn.Module):
         x = x + self.embed_positions(positions + POSITION_OFFSET)
         keys, values = [], []
         for layer, cache_k, cache_v in zip(self.layers, cache.k, cache.v):
-            x, (cache_k, cache_v) = layer(x, cache_k, cache_v, column, first_valid)
+            x, (cache_k, cache_v) = layer(x, cache_k, cache_v, column, first_valid, window)
             keys.append(cache_k)
             values.append(cache_v)
         return self.logits(x[:, -1]), KVCache(k=tuple(keys), v=tuple(values))

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -564,108 +564,50 @@ def split_and_replicated_bytes(params: Any) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Generation: fixed-shape programs per bucket, chunked prefill, then one decode step per token
+# Generation: a fixed set of decode slots over one KV cache, and the compiled programs that fill them
 # ---------------------------------------------------------------------------------------------------
+#
+# The cache holds S slots x C columns per layer, allocated once, heads split like the weights. Every
+# decode step writes every slot's new key and value at one common column t (a dynamic_update_slice,
+# in place: per-row columns needed a scatter that XLA:CPU ran at half the speed of a whole step) and t
+# advances by one. A slot's sequence is therefore laid out so that its newest token lands at t: a new
+# request is prefilled on its own (left-padded to its prompt bucket P, in a small cache of P columns)
+# and its P columns are copied into its slot at t-P..t-1, its first real column being t - prompt
+# length. A row's position is its column minus that first column, so rows that started at different
+# times decode side by side. Attention reads only the W columns ending at t (W a power of two covering
+# the oldest live row), so a step costs what the live sequences need, not C.
+# Columns move with a roll of the whole cache (`shift_columns`): to the left when t reaches C, by the
+# columns no live row reads any more (C - M columns of slack make that rare), and to the right when a
+# prompt bucket longer than t arrives (the columns it wraps round are past t, unused).
 
-
-@flax.struct.dataclass
-class DecodeState:
-    """What a decode step carries from one token to the next, for every row of the batch."""
-
-    tokens: jax.Array  # [B] int32: each row's newest token, not yet in the cache
-    column: jax.Array  # [] int32: the cache column those tokens go to (the same for every row)
-    first_valid: jax.Array  # [B] int32: each row's first real cache column (left padding before it)
-    remaining: jax.Array  # [B] int32: tokens the row may still generate
-    done: jax.Array  # [B] bool: finished (EOS or its output length); frozen from then on
-
-
-def greedy(logits: jax.Array) -> jax.Array:
-    """[B, V] -> [B] int32, the most likely token."""
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-
-# (params, tokens [B, T], cache, column [], first_valid [B]) -> (logits [B, V] of tokens[:, -1], cache)
-ModelFn = Callable[[Any, jax.Array, KVCache, jax.Array, jax.Array], tuple[jax.Array, KVCache]]
-
-
-def prefill_chunk(
-    model: ModelFn, params: Any, cache: KVCache, tokens: jax.Array, column: jax.Array, first_valid: jax.Array
-) -> tuple[KVCache, jax.Array]:
-    """Runs one chunk of the left-padded prompts into cache columns column..column+T-1.
-
-    tokens: [B, T]; column: []; first_valid: [B]. Returns the cache and [B] the token that follows the
-    chunk, which is each row's first generated token when the chunk is the prompts' last.
-    """
-    logits, cache = model(params, tokens, cache, column, first_valid)
-    return cache, greedy(logits)
-
-
-def decode_step(model: ModelFn, params: Any, cache: KVCache, state: DecodeState, eos_id: int) -> tuple[KVCache, DecodeState]:
-    """One new token for every unfinished row; finished rows repeat their last token, which nobody reads."""
-    logits, cache = model(params, state.tokens[:, None], cache, state.column, state.first_valid)
-    new = jnp.where(state.done, state.tokens, greedy(logits))
-    remaining = state.remaining - (~state.done).astype(jnp.int32)
-    done = state.done | (new == eos_id) | (remaining <= 0)
-    return cache, state.replace(tokens=new, column=state.column + 1, remaining=remaining, done=done)
+SEED_WORDS = 2  # a request's 64-bit seed travels as two uint32 words
 
 
 @dataclasses.dataclass(frozen=True)
-class Buckets:
-    """The shapes programs are compiled for: batch sizes, cache lengths, and the prefill chunk."""
+class Sampling:
+    """How a request picks each token. Temperature 0 is greedy (argmax), whatever the rest says."""
 
-    batch_sizes: tuple[int, ...]  # ascending; the last is the largest batch run at once
-    cache_lengths: tuple[int, ...]  # ascending; the last holds any request the model's positions allow
-    chunk: int  # prompt tokens per prefill call
-    max_cache_tokens: int  # batch x cache length never exceeds this (bounds KV memory)
+    temperature: float = 0.0  # > 0: sample from softmax(logits / temperature)
+    top_k: int = 0  # > 0: only the k most likely tokens
+    top_p: float = 1.0  # < 1: only the smallest set of most likely tokens whose probability reaches top_p
+    seed: int = 0  # 0 <= seed < 2**63: the same seed gives the same tokens
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks): the output length is exact
 
-    @classmethod
-    def make(cls, *, max_batch_size: int, max_positions: int, chunk: int = 64,
-             max_cache_tokens: int = 65536) -> "Buckets":
-        powers = lambda lo, hi: [2**i for i in range(int(math.log2(lo)), int(math.ceil(math.log2(hi))) + 1)]
-        batches = sorted({min(b, max_batch_size) for b in powers(1, max_batch_size)})
-        chunk = min(chunk, max_positions)
-        # A prompt padded up to whole chunks plus its output can need up to chunk - 1 columns more than
-        # the model's positions, so the longest cache is max_positions + chunk.
-        longest = max_positions + chunk
-        lengths = [c for c in powers(max(2 * chunk, 128), longest) if c < max_positions] + [longest]
-        if longest > max_cache_tokens:
-            raise ValueError(f"max_cache_tokens {max_cache_tokens} is below one full-length sequence ({longest})")
-        return cls(tuple(batches), tuple(lengths), chunk, max_cache_tokens)
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
 
-    def cache_length(self, needed: int) -> int:
-        """The smallest cache length holding `needed` columns."""
-        for c in self.cache_lengths:
-            if c >= needed:
-                return c
-        raise ValueError(f"{needed} cache columns exceed the largest cache length {self.cache_lengths[-1]}")
 
-    def batch_size(self, rows: int) -> int:
-        return next(b for b in self.batch_sizes if b >= rows)
-
-    def max_rows(self, cache_length: int) -> int:
-        """The largest batch bucket that fits the KV budget at this cache length."""
-        fits = [b for b in self.batch_sizes if b * cache_length <= self.max_cache_tokens]
-        return fits[-1]
-
-    def shapes(self) -> list[tuple[int, int]]:
-        """Every (batch, cache length) pair a request can need: the warm-up set."""
-        return [(b, c) for c in self.cache_lengths for b in self.batch_sizes if b * c <= self.max_cache_tokens]
-
-    def padded_prompt(self, requests: Sequence["Request"]) -> int:
-        """Prompt columns of a batch: its longest prompt rounded up to whole chunks."""
-        return -(-max(len(r.tokens) for r in requests) // self.chunk) * self.chunk
-
-    def columns_needed(self, requests: Sequence["Request"]) -> int:
-        """Cache columns a batch needs: the padded prompts, then every token fed back (all but the last)."""
-        return self.padded_prompt(requests) + max(r.max_new_tokens for r in requests) - 1
+GREEDY = Sampling()
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One prompt as token ids and how many tokens to generate for it."""
+    """One prompt as token ids, how many tokens to generate for it, and how to pick them."""
 
     tokens: tuple[int, ...]
     max_new_tokens: int
+    sampling: Sampling = GREEDY
 
     def __post_init__(self) -> None:
         if not self.tokens or self.max_new_tokens < 1:
@@ -673,79 +615,339 @@ class Request:
                              f"tokens and {self.max_new_tokens}")
 
 
-def plan_batches(requests: Sequence[Request], buckets: Buckets) -> list[list[int]]:
-    """Splits requests into groups that fit a batch bucket and the KV budget, similar lengths together."""
-    alone = lambda i: buckets.columns_needed([requests[i]])
-    groups: list[list[int]] = []
-    for i in sorted(range(len(requests)), key=alone):
-        if groups:
-            grown = [requests[j] for j in groups[-1]] + [requests[i]]
-            need = buckets.columns_needed(grown)
-            if need <= buckets.cache_lengths[-1] and len(grown) <= buckets.max_rows(buckets.cache_length(need)):
-                groups[-1].append(i)
-                continue
-        groups.append([i])
-    return groups
+def _powers_of_two(lo: int, hi: int) -> list[int]:
+    """lo, 2 lo, 4 lo, ... below hi, then hi itself."""
+    out = [lo]
+    while out[-1] * 2 < hi:
+        out.append(out[-1] * 2)
+    return [v for v in out if v < hi] + [hi]
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotShapes:
+    """Every shape the slot programs are compiled for: nothing else ever runs, so nothing compiles later."""
+
+    slots: int  # S: sequences decoded at once
+    max_positions: int  # M: the model's positions; a request's prompt + output never exceeds them
+    chunk: int  # prompt tokens per prefill call
+    prompt_buckets: tuple[int, ...]  # P: prompts are left-padded to one of these (multiples of chunk)
+    windows: tuple[int, ...]  # W: columns a decode step attends over
+    prefill_tokens: int  # rows x P of one prefill call never exceeds this (bounds prefill memory)
+    columns: int  # C: cache columns per slot
+
+    @classmethod
+    def make(cls, *, slots: int, max_positions: int, chunk: int = 64, prefill_tokens: int = 4096) -> "SlotShapes":
+        if slots < 1:
+            raise ValueError(f"need at least one decode slot, got {slots}")
+        chunk = min(chunk, max_positions)
+        longest_prompt = -(-(max_positions - 1) // chunk) * chunk  # a prompt leaves room for one new token
+        prompts = tuple(c * chunk for c in _powers_of_two(1, longest_prompt // chunk))
+        windows = tuple(_powers_of_two(min(128, max_positions), max_positions))
+        # A left shift leaves t - (oldest live column) <= M, so C = 1.5 M leaves at least M / 2 steps
+        # between shifts; a prompt bucket (<= M) always fits before t after a right shift.
+        columns = max(max_positions + max_positions // 2, prompts[-1])
+        return cls(slots, max_positions, chunk, prompts, windows, max(prefill_tokens, prompts[-1]), columns)
+
+    def prompt_bucket(self, length: int) -> int:
+        for p in self.prompt_buckets:
+            if p >= length:
+                return p
+        raise ValueError(f"a prompt of {length} tokens exceeds the longest prompt bucket {self.prompt_buckets[-1]}")
+
+    def window(self, needed: int) -> int:
+        for w in self.windows:
+            if w >= needed:
+                return w
+        raise ValueError(f"{needed} live columns exceed the largest window {self.windows[-1]}")
+
+    def prefill_rows(self, prompt_bucket: int) -> tuple[int, ...]:
+        """The row counts a prefill of this bucket is compiled for: powers of two up to S and the token bound."""
+        most = max(1, min(self.slots, self.prefill_tokens // prompt_bucket))
+        return tuple(_powers_of_two(1, most))
+
+    def prefill_batch(self, rows: int, prompt_bucket: int) -> int:
+        return next(b for b in self.prefill_rows(prompt_bucket) if b >= rows)
+
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """Every (rows, prompt bucket) a prefill can have: the warm-up set."""
+        return [(b, p) for p in self.prompt_buckets for b in self.prefill_rows(p)]
+
+
+@flax.struct.dataclass
+class SlotState:
+    """What a decode step carries for every slot ([S] each), and the common write column."""
+
+    tokens: jax.Array  # int32: each slot's newest token, not yet in the cache
+    first_valid: jax.Array  # int32: the slot's first real column (its position 0)
+    generated: jax.Array  # int32: tokens generated so far (the index that picks the sampling key)
+    remaining: jax.Array  # int32: tokens the slot may still generate
+    done: jax.Array  # bool: finished (EOS or its output length) or empty; frozen from then on
+    temperature: jax.Array  # float32
+    top_k: jax.Array  # int32
+    top_p: jax.Array  # float32
+    seed: jax.Array  # [S, 2] uint32
+    ignore_eos: jax.Array  # bool
+    column: jax.Array  # [] int32: the cache column every slot's next token is written to
+
+    @classmethod
+    def empty(cls, slots: int, column: int) -> "SlotState":
+        zeros = lambda dtype: jnp.zeros((slots,), dtype)
+        return cls(tokens=zeros(jnp.int32), first_valid=zeros(jnp.int32), generated=zeros(jnp.int32),
+                   remaining=zeros(jnp.int32), done=jnp.ones((slots,), bool), temperature=zeros(jnp.float32),
+                   top_k=zeros(jnp.int32), top_p=jnp.ones((slots,), jnp.float32),
+                   seed=jnp.zeros((slots, SEED_WORDS), jnp.uint32), ignore_eos=zeros(bool), column=jnp.int32(column))
+
+
+@flax.struct.dataclass
+class Admissions:
+    """The rows of one prefill call and where they go: [b] each (rows past the real ones have valid False)."""
+
+    slot: jax.Array  # int32
+    length: jax.Array  # int32: true prompt length
+    budget: jax.Array  # int32: max_new_tokens
+    temperature: jax.Array  # float32
+    top_k: jax.Array  # int32
+    top_p: jax.Array  # float32
+    seed: jax.Array  # [b, 2] uint32
+    ignore_eos: jax.Array  # bool
+    valid: jax.Array  # bool
+
+
+def greedy(logits: jax.Array) -> jax.Array:
+    """[B, V] -> [B] int32, the most likely token."""
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def sampling_keys(seed: jax.Array, index: jax.Array) -> jax.Array:
+    """[B, 2] uint32 seeds, [B] token indices -> [B] keys: a row's n-th token has its own key whatever the batch."""
+    key = lambda s, i: jax.random.fold_in(jax.random.fold_in(jax.random.key(s[0]), s[1]), i)
+    return jax.vmap(key)(seed, index)
+
+
+def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """[B, V] logits / temperature with every token outside the row's top-k and top-p set at -inf.
+
+    top_k: [B] (0 = all); top_p: [B] (1 = all). top-p is taken over the top-k set, most likely first,
+    and always keeps the most likely token. Ties at the threshold are all kept.
+    """
+    V = logits.shape[-1]
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    ranked = -jnp.sort(-scaled, axis=-1)  # [B, V] descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)  # [B]
+    in_top_k = jnp.arange(V)[None, :] < k[:, None]  # [B, V] over ranks
+    probs = jax.nn.softmax(jnp.where(in_top_k, ranked, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability of the better-ranked tokens
+    kept = in_top_k & (before < top_p[:, None])  # the first rank is always kept
+    threshold = jnp.take_along_axis(ranked, (jnp.sum(kept, axis=-1) - 1)[:, None], axis=-1)  # [B, 1]
+    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+
+def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seed: jax.Array,
+           index: jax.Array) -> jax.Array:
+    """[B, V] float32 logits -> [B] int32: argmax where temperature is 0, else a draw from the filtered softmax.
+
+    The draw is argmax(filtered logits + Gumbel noise), the noise from the row's seed and token index.
+    The sort and the noise run only when some row samples (lax.cond), so greedy batches pay nothing.
+    """
+
+    def draw(logits: jax.Array) -> jax.Array:
+        noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(sampling_keys(seed, index))
+        return greedy(filter_logits(logits, temperature, top_k, top_p) + noise)
+
+    sampling = temperature > 0
+    drawn = jax.lax.cond(jnp.any(sampling), draw, greedy, logits)
+    return jnp.where(sampling, drawn, greedy(logits))
+
+
+# (params, tokens [B, T], cache, column [], first_valid [B], window) -> (logits [B, V] of tokens[:, -1], cache)
+ModelFn = Callable[..., tuple[jax.Array, KVCache]]
+
+
+def prefill_chunk(model: ModelFn, params: Any, cache: KVCache, tokens: jax.Array, column: jax.Array,
+                  first_valid: jax.Array) -> tuple[KVCache, jax.Array]:
+    """Runs one chunk of left-padded prompts into cache columns column..column+T-1.
+
+    tokens: [b, T]; column: []; first_valid: [b]. Returns the cache and the [b, V] logits after the
+    chunk: each row's first-token logits when the chunk is the prompts' last.
+    """
+    logits, cache = model(params, tokens, cache, column, first_valid, None)
+    return cache, logits
+
+
+def admit(cache: KVCache, state: SlotState, prompts: KVCache, logits: jax.Array, rows: Admissions,
+          eos_id: int) -> tuple[KVCache, SlotState, jax.Array]:
+    """Copies prefilled rows into their slots so that their last prompt token sits at column t-1.
+
+    prompts: [b, H, P, Dh] per layer, left-padded; logits: [b, V]. Returns the cache, the state with
+    each row's first token, and those first tokens [b]. Rows with valid False change nothing.
+    """
+    b, P = logits.shape[0], prompts.k[0].shape[2]
+    t = state.column
+    first = sample(logits, rows.temperature, rows.top_k, rows.top_p, rows.seed, jnp.zeros((b,), jnp.int32))
+
+    def place(layer: jax.Array, new: jax.Array) -> jax.Array:
+        for i in range(b):  # b is small and static; each copy is in place
+            at = (rows.slot[i], 0, t - P, 0)
+            old = jax.lax.dynamic_slice(layer, at, new[i : i + 1].shape)
+            layer = jax.lax.dynamic_update_slice(layer, jnp.where(rows.valid[i], new[i : i + 1], old), at)
+        return layer
+
+    cache = KVCache(k=tuple(map(place, cache.k, prompts.k)), v=tuple(map(place, cache.v, prompts.v)))
+    target = jnp.where(rows.valid, rows.slot, state.tokens.shape[0])  # out of range: dropped
+    put = lambda array, values: array.at[target].set(values, mode="drop")
+    ended = ((first == eos_id) & ~rows.ignore_eos) | (rows.budget <= 1)
+    state = state.replace(
+        tokens=put(state.tokens, first), first_valid=put(state.first_valid, t - rows.length),
+        generated=put(state.generated, jnp.ones_like(first)), remaining=put(state.remaining, rows.budget - 1),
+        done=put(state.done, ended), temperature=put(state.temperature, rows.temperature),
+        top_k=put(state.top_k, rows.top_k), top_p=put(state.top_p, rows.top_p), seed=put(state.seed, rows.seed),
+        ignore_eos=put(state.ignore_eos, rows.ignore_eos),
+    )
+    return cache, state, first
+
+
+def decode_step(model: ModelFn, params: Any, cache: KVCache, state: SlotState, eos_id: int,
+                window: int | None) -> tuple[KVCache, SlotState]:
+    """One new token for every unfinished slot; finished slots repeat their last token, which nobody reads."""
+    logits, cache = model(params, state.tokens[:, None], cache, state.column, state.first_valid, window)
+    picked = sample(logits, state.temperature, state.top_k, state.top_p, state.seed, state.generated)
+    new = jnp.where(state.done, state.tokens, picked)
+    live = (~state.done).astype(jnp.int32)
+    remaining = state.remaining - live
+    done = state.done | ((new == eos_id) & ~state.ignore_eos) | (remaining <= 0)
+    return cache, state.replace(tokens=new, generated=state.generated + live, remaining=remaining, done=done,
+                                column=state.column + 1)
+
+
+def shift_columns(cache: KVCache, state: SlotState, by: jax.Array) -> tuple[KVCache, SlotState]:
+    """Rolls every slot's columns `by` to the left (negative: to the right), t and first columns with them.
+
+    The columns that wrap round must be unread: left, those before every live row; right, those past t.
+    """
+    roll = lambda layer: jnp.roll(layer, -by, axis=2)
+    cache = KVCache(k=tuple(map(roll, cache.k)), v=tuple(map(roll, cache.v)))
+    return cache, state.replace(column=state.column - by, first_valid=state.first_valid - by)
+
+
+# -- what rank 0 decides each step, and every rank runs ---------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    slot: int
+    request: Request
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillGroup:
+    """Requests prefilled together: `rows` (a compiled row count) x `prompt_bucket` columns."""
+
+    rows: int
+    prompt_bucket: int
+    admissions: tuple[Admission, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One step of the engine: shift the cache, admit new requests into free slots, decode every slot."""
+
+    column: int  # t before the shift: every rank checks that it agrees
+    shift: int  # columns to roll the cache to the left first (negative: to the right; 0: none)
+    groups: tuple[PrefillGroup, ...]
+    window: int  # columns the decode step attends over
 
 
 @dataclasses.dataclass
-class GenerationResult:
-    tokens: list[list[int]]  # per request, EOS excluded
-    time_to_first_token: float  # seconds, for the batch
-    total_time: float
+class StepOutput:
+    """Device arrays of one step, read by rank 0 a step later: first tokens per group [b], then every slot's [S]."""
+
+    first_tokens: list[jax.Array]
+    tokens: jax.Array
 
 
-class Generator:
-    """Compiled prefill/decode programs for one model on one mesh; the same calls on every rank.
+class SlotRunner:
+    """The compiled slot programs and the device state they update; every rank holds one and runs each Plan.
 
-    Programs are compiled ahead of time per (batch, cache length) bucket by `warm_up` and then only
-    looked up; a request shape outside the buckets is an error, never a compile.
+    Programs are compiled ahead of time by `warm_up` for every shape in `shapes` and then only
+    looked up; a plan needing any other shape is an error, never a compile.
     """
 
-    def __init__(self, *, model: OPTForCausalLM, params: Any, mesh: Mesh, buckets: Buckets):
+    def __init__(self, *, model: OPTForCausalLM, params: Any, mesh: Mesh, shapes: SlotShapes):
         self.model = model
         self.params = params
         self.mesh = mesh
-        self.buckets = buckets
+        self.shapes = shapes
         self.config = model.config
-        self._programs: dict[tuple[str, int, int], Any] = {}
+        self._programs: dict[tuple[Any, ...], Any] = {}
         self._replicated = NamedSharding(mesh, P())
         self._cache_sharding = NamedSharding(mesh, KV_CACHE_SPEC)
+        self.cache: KVCache | None = None
+        self.state: SlotState | None = None
+        self.column = 0  # host copy of state.column
 
     # -- compilation -------------------------------------------------------------------------------
-    def _apply(self, params: Any, tokens: jax.Array, cache: KVCache, column: jax.Array, first_valid: jax.Array):
-        return self.model.apply({"params": params}, tokens, cache, column, first_valid)
+    def _apply(self, params: Any, tokens: jax.Array, cache: KVCache, column: jax.Array, first_valid: jax.Array,
+               window: int | None) -> tuple[jax.Array, KVCache]:
+        return self.model.apply({"params": params}, tokens, cache, column, first_valid, window)
 
-    def _abstract(self, batch: int, length: int) -> dict[str, Any]:
-        rep, i32 = self._replicated, jnp.int32
-        vec = lambda dtype=i32: jax.ShapeDtypeStruct((batch,), dtype, sharding=rep)
-        scalar = jax.ShapeDtypeStruct((), i32, sharding=rep)
-        cache = jax.eval_shape(lambda: KVCache.zeros(self.config, batch, length, self.model.dtype))
-        cache = jax.tree_util.tree_map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._cache_sharding), cache
-        )
-        state = DecodeState(tokens=vec(), column=scalar, first_valid=vec(), remaining=vec(), done=vec(jnp.bool_))
-        tokens = jax.ShapeDtypeStruct((batch, self.buckets.chunk), i32, sharding=rep)
-        return dict(cache=cache, state=state, tokens=tokens, column=scalar, first_valid=vec())
+    def _spec(self, tree: Any, sharding: NamedSharding | None = None) -> Any:
+        """Abstract arrays of `tree` (a function's result shapes) with `sharding` (default replicated)."""
+        sharding = sharding or self._replicated
+        return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
-    def _compile(self, batch: int, length: int) -> None:
-        a = self._abstract(batch, length)
-        params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params)
-        cfg, dtype, cache_sharding = self.config, self.model.dtype, self._cache_sharding
-        cache_out = jax.tree_util.tree_map(lambda _: cache_sharding, a["cache"])
-        # Everything but the cache comes out replicated: with several processes, each reads its own copy
-        # of the new tokens and flags (a sharded result would not be readable on one host).
-        state_out = jax.tree_util.tree_map(lambda _: self._replicated, a["state"])
-        alloc = jax.jit(lambda: KVCache.zeros(cfg, batch, length, dtype), out_shardings=cache_out)
-        prefill = jax.jit(lambda p, c, t, col, fv: prefill_chunk(self._apply, p, c, t, col, fv), donate_argnums=1,
-                          out_shardings=(cache_out, self._replicated))
-        decode = jax.jit(lambda p, c, s: decode_step(self._apply, p, c, s, cfg.eos_token_id), donate_argnums=1,
-                         out_shardings=(cache_out, state_out))
+    def _cache_spec(self, rows: int, columns: int) -> KVCache:
+        cfg, dtype = self.config, self.model.dtype
+        return self._spec(jax.eval_shape(lambda: KVCache.zeros(cfg, rows, columns, dtype)), self._cache_sharding)
+
+    def _compile_slots(self) -> None:
+        cfg, dtype, S, C = self.config, self.model.dtype, self.shapes.slots, self.shapes.columns
+        cache, state = self._cache_spec(S, C), self._spec(jax.eval_shape(lambda: SlotState.empty(S, 0)))
+        outs = (self._shardings(cache), self._shardings(state))
+        params = self._spec_of_params()
+        eos = cfg.eos_token_id
+        self._programs["alloc",] = jax.jit(
+            lambda: (KVCache.zeros(cfg, S, C, dtype), SlotState.empty(S, 0)), out_shardings=outs
+        ).lower().compile()
+        self._programs["shift",] = jax.jit(shift_columns, donate_argnums=(0, 1), out_shardings=outs).lower(
+            cache, state, self._spec(jax.ShapeDtypeStruct((), jnp.int32))).compile(self._compiler_options())
+        for w in self.shapes.windows:
+            # The new tokens also come out on their own: the state is donated to the next step before
+            # rank 0 reads them.
+            step = lambda p, c, s, w=w: (lambda c, s: (c, s, s.tokens))(*decode_step(self._apply, p, c, s, eos, w))
+            self._programs["decode", w] = jax.jit(step, donate_argnums=(1, 2), out_shardings=(
+                *outs, self._replicated)).lower(
+                params, cache, state).compile(self._compiler_options())
+
+    def _compile_prefill(self, rows: int, bucket: int) -> None:
+        cfg, dtype, chunk = self.config, self.model.dtype, self.shapes.chunk
+        S, C = self.shapes.slots, self.shapes.columns
+        prompts = self._cache_spec(rows, bucket)
+        cache, state = self._cache_spec(S, C), self._spec(jax.eval_shape(lambda: SlotState.empty(S, 0)))
+        vec = lambda dtype, *tail: jax.ShapeDtypeStruct((rows, *tail), dtype, sharding=self._replicated)
+        scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=self._replicated)
+        logits = jax.ShapeDtypeStruct((rows, self.model.padded_vocab_size), jnp.float32, sharding=self._replicated)
+        admissions = Admissions(slot=vec(jnp.int32), length=vec(jnp.int32), budget=vec(jnp.int32),
+                                temperature=vec(jnp.float32), top_k=vec(jnp.int32), top_p=vec(jnp.float32),
+                                seed=vec(jnp.uint32, SEED_WORDS), ignore_eos=vec(bool), valid=vec(bool))
         options = self._compiler_options()
-        self._programs["alloc", batch, length] = alloc.lower().compile()
-        self._programs["prefill", batch, length] = prefill.lower(
-            params, a["cache"], a["tokens"], a["column"], a["first_valid"]).compile(options)
-        self._programs["decode", batch, length] = decode.lower(params, a["cache"], a["state"]).compile(options)
+        self._programs["prompts", rows, bucket] = jax.jit(
+            lambda: KVCache.zeros(cfg, rows, bucket, dtype), out_shardings=self._shardings(prompts)).lower().compile()
+        prefill = lambda p, c, t, col, fv: prefill_chunk(self._apply, p, c, t, col, fv)
+        self._programs["prefill", rows, bucket] = jax.jit(
+            prefill, donate_argnums=1, out_shardings=(self._shardings(prompts), self._replicated)
+        ).lower(self._spec_of_params(), prompts, vec(jnp.int32, chunk), scalar, vec(jnp.int32)).compile(options)
+        place = lambda c, s, pr, lg, rw: admit(c, s, pr, lg, rw, cfg.eos_token_id)
+        self._programs["admit", rows, bucket] = jax.jit(
+            place, donate_argnums=(0, 1),
+            out_shardings=(self._shardings(cache), self._shardings(state), self._replicated),
+        ).lower(cache, state, prompts, logits, admissions).compile(options)
+
+    def _shardings(self, spec_tree: Any) -> Any:
+        return jax.tree_util.tree_map(lambda a: a.sharding, spec_tree)
+
+    def _spec_of_params(self) -> Any:
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                      self.params)
 
     def _compiler_options(self) -> dict[str, Any]:
         # On the CPU, LLVM's optimisation level 1 halves compile time with no slower steps (the matmuls
@@ -754,98 +956,87 @@ class Generator:
             return {"xla_backend_optimization_level": 1}
         return {}
 
-    def warm_up(self, shapes: Sequence[tuple[int, int]] | None = None) -> float:
-        """Compiles every bucket's programs (from the persistent cache when it has them); returns seconds.
+    def warm_up(self) -> float:
+        """Compiles every program (from the persistent cache when it has them), then allocates the slots.
 
-        Shapes compile in parallel threads: XLA compiles without holding the GIL.
+        Shapes compile in parallel threads: XLA compiles without holding the GIL. Returns seconds.
         """
         begin = time.perf_counter()
-        todo = [s for s in (shapes if shapes is not None else self.buckets.shapes())
-                if ("decode", *s) not in self._programs]
+        jobs = [self._compile_slots] + [functools.partial(self._compile_prefill, b, p)
+                                        for b, p in self.shapes.prefill_shapes()]
         with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            for done, _ in enumerate(pool.map(lambda shape: self._compile(*shape), todo), start=1):
-                LOGGER.debug("compiled %d/%d shapes", done, len(todo))
+            for future in [pool.submit(job) for job in jobs]:
+                future.result()
+        self.reset()
         took = time.perf_counter() - begin
-        LOGGER.info("warm-up: %d shapes (batch x cache length) compiled in %.1f s", len(todo), took)
+        LOGGER.info("warm-up: %d slots x %d columns, %d prefill shapes and %d windows compiled in %.1f s",
+                    self.shapes.slots, self.shapes.columns, len(jobs) - 1, len(self.shapes.windows), took)
         return took
 
-    def _program(self, kind: str, batch: int, length: int) -> Any:
-        key = (kind, batch, length)
+    def _program(self, *key: Any) -> Any:
         if key not in self._programs:
             raise RuntimeError(f"no compiled program for {key}: the shape was not warmed up")
         return self._programs[key]
+
+    def reset(self) -> None:
+        """Empties every slot (a fresh cache and state)."""
+        self.cache, self.state = self._program("alloc")()
+        self.column = 0
 
     # -- running -----------------------------------------------------------------------------------
     def _put(self, x: np.ndarray) -> jax.Array:
         return jax.device_put(x, self._replicated)
 
-    def generate(self, requests: Sequence[Request]) -> GenerationResult:
-        """Greedy continuation of every request; each row's tokens equal what the request gives alone."""
-        begin = time.perf_counter()
-        results: list[list[int]] = [[] for _ in requests]
-        first_token_time = math.inf
-        for group in plan_batches(requests, self.buckets):
-            tokens, ttft = self._generate_group([requests[i] for i in group])
-            first_token_time = min(first_token_time, ttft)
-            for i, row in zip(group, tokens):
-                results[i] = row
-        return GenerationResult(results, first_token_time - begin, time.perf_counter() - begin)
+    def run(self, plan: Plan) -> StepOutput:
+        """Dispatches the plan's programs (asynchronously); the outputs are read later by whoever needs them."""
+        if plan.column != self.column:
+            raise RuntimeError(f"plan for column {plan.column} but this rank is at column {self.column}")
+        if plan.shift:
+            self.cache, self.state = self._program("shift")(self.cache, self.state, self._put(np.int32(plan.shift)))
+            self.column -= plan.shift
+        firsts = [self._prefill_and_admit(group) for group in plan.groups]
+        self.cache, self.state, tokens = self._program("decode", plan.window)(self.params, self.cache, self.state)
+        self.column += 1
+        return StepOutput(firsts, tokens)
 
-    def _generate_group(self, requests: Sequence[Request]) -> tuple[list[list[int]], float]:
-        chunk = self.buckets.chunk
-        length = self.buckets.cache_length(self.buckets.columns_needed(requests))
-        batch = self.buckets.batch_size(len(requests))
-        prompt_len = self.buckets.padded_prompt(requests)
-        # Prompts are left-padded so that every row's last prompt token sits in the last column.
-        # Rows past the real requests hold one pad token and generate one token nobody reads.
-        tokens = np.full((batch, prompt_len), self.config.pad_token_id, np.int32)
-        first_valid = np.full((batch,), prompt_len - 1, np.int32)
-        budget = np.ones((batch,), np.int32)
-        for row, r in enumerate(requests):
-            first_valid[row] = prompt_len - len(r.tokens)
-            tokens[row, first_valid[row]:] = r.tokens
-            budget[row] = r.max_new_tokens
+    def _prefill_and_admit(self, group: PrefillGroup) -> jax.Array:
+        b, P, chunk = group.rows, group.prompt_bucket, self.shapes.chunk
+        tokens = np.full((b, P), self.config.pad_token_id, np.int32)
+        first_valid = np.full((b,), P - 1, np.int32)  # unused rows: one pad token
+        for row, a in enumerate(group.admissions):
+            first_valid[row] = P - len(a.request.tokens)
+            tokens[row, first_valid[row] :] = a.request.tokens
+        prompts = self._program("prompts", b, P)()
+        prefill, fv = self._program("prefill", b, P), self._put(first_valid)
+        # Chunks of nothing but left padding are skipped: their columns are never read.
+        for column in range(int(first_valid.min()) // chunk * chunk, P, chunk):
+            prompts, logits = prefill(self.params, prompts, self._put(tokens[:, column : column + chunk]),
+                                      self._put(np.int32(column)), fv)
+        self.cache, self.state, first = self._program("admit", b, P)(
+            self.cache, self.state, prompts, logits, self._admissions(group))
+        return first
 
-        cache = self._program("alloc", batch, length)()
-        device_first_valid = self._put(first_valid)
-        prefill = self._program("prefill", batch, length)
-        for column in range(0, prompt_len, chunk):
-            chunk_tokens = self._put(tokens[:, column : column + chunk])
-            cache, first = prefill(self.params, cache, chunk_tokens, self._put(np.int32(column)), device_first_valid)
-        first_host = np.asarray(jax.device_get(first))
-        ttft = time.perf_counter()
-        state = DecodeState(
-            tokens=first, column=self._put(np.int32(prompt_len)), first_valid=device_first_valid,
-            remaining=self._put(budget - 1), done=self._put((first_host == self.config.eos_token_id) | (budget <= 1)),
-        )
-        steps = self._decode(cache, batch, length, state, int(budget.max()) - 1)
-        rows = [self._row_tokens(first_host[i], steps[:, i], budget[i]) for i in range(len(requests))]
-        return rows, ttft
+    def _admissions(self, group: PrefillGroup) -> Admissions:
+        b = group.rows
+        fields = {name: np.zeros((b,), dtype) for name, dtype in (
+            ("slot", np.int32), ("length", np.int32), ("budget", np.int32), ("temperature", np.float32),
+            ("top_k", np.int32), ("top_p", np.float32), ("ignore_eos", bool), ("valid", bool))}
+        fields["top_p"][:] = 1.0
+        fields["length"][:] = 1
+        seed = np.zeros((b, SEED_WORDS), np.uint32)
+        for row, a in enumerate(group.admissions):
+            s = a.request.sampling
+            values = dict(slot=a.slot, length=len(a.request.tokens), budget=a.request.max_new_tokens,
+                          temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, ignore_eos=s.ignore_eos, valid=True)
+            for name, value in values.items():
+                fields[name][row] = value
+            seed[row] = split_seed(s.seed)
+        return Admissions(**{name: self._put(v) for name, v in fields.items()}, seed=self._put(seed))
 
-    def _decode(self, cache: KVCache, batch: int, length: int, state: DecodeState, max_steps: int) -> np.ndarray:
-        """Runs decode steps until every row is done; returns [steps, B] tokens (host)."""
-        decode = self._program("decode", batch, length)
-        outputs: list[jax.Array] = []
-        previous_done = state.done
-        for _ in range(max_steps):
-            cache, state = decode(self.params, cache, state)
-            outputs.append(state.tokens)
-            # Reading the previous step's flags keeps one step queued on the device while we wait.
-            if bool(np.all(jax.device_get(previous_done))):
-                break
-            previous_done = state.done
-        if not outputs:
-            return np.zeros((0, batch), np.int32)
-        return np.stack(jax.device_get(outputs))
 
-    def _row_tokens(self, first: int, steps: np.ndarray, budget: int) -> list[int]:
-        """A row's generated ids: the first token then the steps', up to EOS (dropped) or its budget."""
-        out: list[int] = []
-        for token in [int(first), *map(int, steps)][:budget]:
-            if token == self.config.eos_token_id:
-                break
-            out.append(token)
-        return out
+def split_seed(seed: int) -> tuple[int, int]:
+    """A 64-bit seed as (low, high) uint32 words."""
+    return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
 
 
 def enable_compilation_cache(cache_dir: str | None) -> None:

@@ -9,12 +9,11 @@ by the generated text) and runs the generation; ranks 1..N-1 join the same JAX c
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import asyncio
 import dataclasses
 import json
 import logging
 import os
-import queue
 import re
 import shutil
 import signal
@@ -55,11 +54,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Triton metrics port")
     parser.add_argument("--bind-address", default="0.0.0.0", help="address Triton's HTTP, gRPC and metrics bind to")
+    parser.add_argument("--generation-metrics-port", type=int, default=8003,
+                        help="port of the generation metrics (Prometheus text format, /metrics); 0: none")
     parser.add_argument("--model-instances", type=int, default=4,
-                        help="Triton model instances: how many requests are taken at once and batched together "
-                             "(each is a Python stub process; PyTriton's 1 s handshake fails with many on few cores)")
-    parser.add_argument("--max-cache-tokens", type=int, default=65536,
-                        help="bound on batch rows x cache length of one generation batch (KV-cache memory)")
+                        help="Triton model instances of `OPT`: how many of its requests are taken at once (each is a "
+                             "Python stub process; PyTriton's 1 s handshake fails with many on few cores). "
+                             "`OPT_stream` takes any number at once with one instance")
+    parser.add_argument("--decode-slots", type=int, default=16,
+                        help="sequences decoded at once: the KV cache holds this many, allocated at start")
+    parser.add_argument("--max-prefill-tokens", type=int, default=4096,
+                        help="padded prompt tokens prefilled per engine step (and per prefill call): bounds how long "
+                             "new prompts pause the running sequences")
+    parser.add_argument("--one-batch-at-a-time", action="store_true",
+                        help="the original example's scheduling, for comparison: a batch runs to its end before the "
+                             "next is admitted (default: continuous batching, a request joins at the next step)")
     parser.add_argument("--exit-timeout", type=int, default=30,
                         help="seconds Triton waits for requests in flight when stopping")
     parser.add_argument("--join-timeout", type=float, default=300.0,
@@ -75,7 +83,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 <= args.rank < args.number_of_nodes:
         parser.error(f"--rank {args.rank} is outside 0..{args.number_of_nodes - 1}")
-    for flag in ("number_of_gpus", "max_batch_size", "model_instances", "number_of_nodes"):
+    for flag in ("number_of_gpus", "max_batch_size", "model_instances", "number_of_nodes", "decode_slots",
+                 "max_prefill_tokens"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     for flag in ("join_timeout", "peer_timeout"):
@@ -129,8 +138,8 @@ serving = threading.Event()  # set once Triton is bound: from then on signals dr
 # ---------------------------------------------------------------------------------------------------
 
 
-def build_generator(args: argparse.Namespace) -> tuple[Any, Any]:
-    """Loads the config, the weights (sharded over every device of every rank) and compiles every bucket."""
+def build_runner(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Loads the config, the weights (sharded over every device of every rank) and compiles every program."""
     import jax
     import jax.numpy as jnp
 
@@ -149,11 +158,11 @@ def build_generator(args: argparse.Namespace) -> tuple[Any, Any]:
     LOGGER.info("weights of %s ready in %.1f s on a mesh of %d devices (%d per rank)", args.model_name,
                 time.perf_counter() - begin, mesh.size, args.number_of_gpus)
     log_weight_bytes(params, mesh.size)
-    buckets = opt_utils.Buckets.make(max_batch_size=args.max_batch_size, max_positions=config.max_position_embeddings,
-                                     max_cache_tokens=args.max_cache_tokens)
-    generator = opt_utils.Generator(model=model, params=params, mesh=mesh, buckets=buckets)
-    generator.warm_up()
-    return generator, config
+    shapes = opt_utils.SlotShapes.make(slots=args.decode_slots, max_positions=config.max_position_embeddings,
+                                       prefill_tokens=args.max_prefill_tokens)
+    runner = opt_utils.SlotRunner(model=model, params=params, mesh=mesh, shapes=shapes)
+    runner.warm_up()
+    return runner, config
 
 
 def mesh_devices(number_of_gpus: int) -> list[Any]:
@@ -183,8 +192,11 @@ def log_weight_bytes(params: Any, mesh_size: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Requests: validation and batching across concurrent Triton requests
+# Requests: validation, the Triton models' callables, streaming text, generation metrics
 # ---------------------------------------------------------------------------------------------------
+
+STREAM_MODEL_NAME = "OPT_stream"
+MAX_TEMPERATURE = 100.0
 
 
 class BadRequest(ValueError):
@@ -192,22 +204,69 @@ class BadRequest(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class OptionalInput:
+    """A per-row Triton input a request may leave out; `check` names what is wrong with a value, or None."""
+
+    name: str
+    dtype: Any
+    default: Any
+    check: Callable[[Any], str | None]
+
+
+def _finite_between(lo: float, hi: float, *, lo_open: bool = False) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        low_ok = value > lo if lo_open else value >= lo
+        if not (np.isfinite(value) and low_ok and value <= hi):
+            return f"must be {'>' if lo_open else '>='} {lo:g} and <= {hi:g}"
+        return None
+    return check
+
+
+def optional_inputs(vocab_size: int) -> tuple[OptionalInput, ...]:
+    """The sampling inputs; a request that sends none of them is decoded greedily."""
+    return (
+        OptionalInput("temperature", np.float32, 0.0, _finite_between(0.0, MAX_TEMPERATURE)),
+        OptionalInput("top_k", np.int32, 0,
+                      lambda v: None if 0 <= v <= vocab_size else f"must be >= 0 and <= {vocab_size} (0: off)"),
+        OptionalInput("top_p", np.float32, 1.0, _finite_between(0.0, 1.0, lo_open=True)),
+        OptionalInput("seed", np.int64, None, lambda v: None if v >= 0 else "must be >= 0"),
+        OptionalInput("ignore_eos", np.bool_, False, lambda v: None),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class Row:
     """One prompt of a Triton request, validated and tokenized."""
 
     prompt: str
-    tokens: tuple[int, ...]
-    output_length: int
+    request: Any  # opt_utils.Request
 
 
-def parse_rows(inputs: dict[str, np.ndarray], tokenizer: Any, max_positions: int) -> list[Row]:
+class RequestParser:
     """Decodes and checks every row of one Triton request; the first problem is a BadRequest naming the row."""
-    prompts, lengths = inputs["input"], inputs["output_length"]
-    # input: [B, 1] bytes; output_length: [B, 1] int64 (Triton checks dtypes and that B matches).
-    if prompts.shape[0] != lengths.shape[0]:
-        raise BadRequest(f"input has {prompts.shape[0]} rows but output_length has {lengths.shape[0]}")
-    rows = []
-    for i, (raw, length) in enumerate(zip(prompts.reshape(-1), lengths.reshape(-1))):
+
+    def __init__(self, tokenizer: Any, max_positions: int, vocab_size: int):
+        self.tokenizer = tokenizer
+        self.max_positions = max_positions
+        self.optional = optional_inputs(vocab_size)
+        self._seeds = np.random.default_rng()
+
+    def parse(self, inputs: Any) -> list[Row]:
+        # input: [B, 1] bytes; output_length and each optional input: [B, 1] (Triton checks dtypes and shapes).
+        prompts, lengths = inputs["input"], inputs["output_length"]
+        settings = {o.name: inputs[o.name] for o in self.optional if inputs.get(o.name) is not None}
+        for name, array in {"output_length": lengths, **settings}.items():
+            if array.shape[0] != prompts.shape[0]:
+                raise BadRequest(f"input has {prompts.shape[0]} rows but {name} has {array.shape[0]}")
+        if prompts.shape[0] == 0:
+            raise BadRequest("the request has no rows")
+        return [self._row(i, prompts.reshape(-1)[i], int(lengths.reshape(-1)[i]),
+                          {name: array.reshape(-1)[i] for name, array in settings.items()})
+                for i in range(prompts.shape[0])]
+
+    def _row(self, i: int, raw: Any, length: int, given: dict[str, Any]) -> Row:
+        import opt_utils
+
         raw = raw if isinstance(raw, bytes) else bytes(raw)
         try:
             prompt = raw.decode("utf-8")
@@ -216,130 +275,149 @@ def parse_rows(inputs: dict[str, np.ndarray], tokenizer: Any, max_positions: int
         if not prompt:
             raise BadRequest(f"row {i}: input is empty")
         if length < 1:
-            raise BadRequest(f"row {i}: output_length must be at least 1, got {int(length)}")
-        tokens = tuple(tokenizer.encode(prompt))
-        if len(tokens) + int(length) > max_positions:
-            raise BadRequest(
-                f"row {i}: prompt of {len(tokens)} tokens plus output_length {int(length)} exceeds "
-                f"the model's {max_positions} positions"
-            )
-        rows.append(Row(prompt, tokens, int(length)))
-    return rows
+            raise BadRequest(f"row {i}: output_length must be at least 1, got {length}")
+        tokens = tuple(self.tokenizer.encode(prompt))
+        if len(tokens) + length > self.max_positions:
+            raise BadRequest(f"row {i}: prompt of {len(tokens)} tokens plus output_length {length} exceeds "
+                             f"the model's {self.max_positions} positions")
+        return Row(prompt, opt_utils.Request(tokens, length, self._sampling(i, given)))
 
-
-@dataclasses.dataclass
-class Job:
-    row: Row
-    future: concurrent.futures.Future
-
-
-class BatchingEngine:
-    """Merges the rows of concurrent Triton requests into generation batches of up to `max_rows` rows.
-
-    Triton hands each request to one of several model instances (threads here) without merging
-    them, so that one bad request fails alone; this loop does the dynamic batching instead.
-    """
-
-    def __init__(self, generator: Any, max_rows: int):
-        self._generator = generator
-        self._max_rows = max_rows
-        self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="generation", daemon=True)
-        self._running: list[Job] = []  # the batch being generated, for abort
-        self.failure: BaseException | None = None
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 60) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=timeout)
-
-    def abort(self, error: BaseException) -> None:
-        """Fails every waiting and running request with `error` at once (a lost peer: nothing will finish)."""
-        self.failure = error
-        jobs = list(self._running)
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                jobs.append(job)
-        for job in jobs:
-            _fail(job.future, error)
-
-    def submit(self, rows: Sequence[Row]) -> list[concurrent.futures.Future]:
-        if self.failure is not None:
-            raise RuntimeError(f"the generation engine failed: {self.failure}")
-        jobs = [Job(row, concurrent.futures.Future()) for row in rows]
-        for job in jobs:
-            self._queue.put(job)
-        return [job.future for job in jobs]
-
-    def _next_batch(self) -> list[Job] | None:
-        first = self._queue.get()
-        if first is None:
-            return None
-        batch = [first]
-        while len(batch) < self._max_rows:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                self._queue.put(None)  # stop after this batch
-                break
-            batch.append(job)
-        return batch
-
-    def _loop(self) -> None:
+    def _sampling(self, i: int, given: dict[str, Any]) -> Any:
         import opt_utils
 
-        while (batch := self._next_batch()) is not None:
-            requests = [opt_utils.Request(job.row.tokens, job.row.output_length) for job in batch]
-            self._running = batch
-            try:
-                result = self._generator.generate(requests)
-            except Exception as error:  # a device or peer failure: every waiting request hears of it
-                LOGGER.exception("generation failed")
-                self.failure = error
-                for job in batch:
-                    _fail(job.future, error)
-                continue
-            finally:
-                self._running = []
-            LOGGER.debug("batch of %d rows in %.3f s (first token %.3f s)", len(batch), result.total_time,
-                         result.time_to_first_token)
-            for job, tokens in zip(batch, result.tokens):
-                if not job.future.done():  # an abort may have failed it already
-                    job.future.set_result(tokens)
+        values = {}
+        for option in self.optional:
+            value = given.get(option.name, option.default)
+            problem = option.check(value) if value is not None else None
+            if problem:
+                raise BadRequest(f"row {i}: {option.name} {value} {problem}")
+            values[option.name] = value
+        if values["seed"] is None:  # unseeded sampling differs every time; rank 0 draws for every rank
+            values["seed"] = int(self._seeds.integers(0, 2**63))
+        return opt_utils.Sampling(temperature=float(values["temperature"]), top_k=int(values["top_k"]),
+                                  top_p=float(values["top_p"]), seed=int(values["seed"]),
+                                  ignore_eos=bool(values["ignore_eos"]))
 
 
-def _fail(future: concurrent.futures.Future, error: BaseException) -> None:
-    try:
-        future.set_exception(error)
-    except concurrent.futures.InvalidStateError:  # already answered
-        pass
+class TextStream:
+    """Turns a row's token ids into text pieces as they come, never splitting a multi-byte character.
+
+    Byte-level BPE decodes a run of tokens to exactly the bytes of its tokens, so once the text of the
+    tokens since the last piece ends in a whole character it is a piece of its own and those tokens are
+    never decoded again; a text that ends in U+FFFD (an incomplete character) waits for more tokens.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+        self._held: list[int] = []
+
+    def push(self, token: int) -> str:
+        self._held.append(token)
+        text = self._tokenizer.decode(self._held)
+        if text.endswith("\ufffd"):
+            return ""
+        self._held = []
+        return text
+
+    def finish(self) -> str:
+        """Whatever is held at the end (an incomplete character decodes as U+FFFD, as in the full text)."""
+        text = self._tokenizer.decode(self._held) if self._held else ""
+        self._held = []
+        return text
 
 
-def make_infer_fn(engine: BatchingEngine, tokenizer: Any, max_positions: int):
-    """The callable PyTriton runs for each request (in each model instance's thread)."""
+def bytes_output(texts: Sequence[str]) -> dict[str, np.ndarray]:
+    return {"output": np.array([[t.encode("utf-8")] for t in texts], dtype=object)}  # [B, 1] bytes
+
+
+def make_infer_fn(scheduler: Any, parser: RequestParser):
+    """The callable of model `OPT` (one request at a time per model instance): prompt + generated text."""
     from pytriton.exceptions import PyTritonBadParameterError
 
-    def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
+    async def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
         responses = []
         for request in requests:  # Triton passes one request at a time: the model has no dynamic batcher
             try:
-                rows = parse_rows(request.data, tokenizer, max_positions)
+                rows = parser.parse(dict(request.items()))
             except BadRequest as error:
                 raise PyTritonBadParameterError(str(error)) from None
-            futures = engine.submit(rows)
-            texts = [row.prompt + tokenizer.decode(future.result()) for row, future in zip(rows, futures)]
-            responses.append({"output": np.array([[t.encode("utf-8")] for t in texts], dtype=object)})
+            sequences = [scheduler.submit(row.request) for row in rows]
+            tokens = await asyncio.gather(*(asyncio.wrap_future(s.future) for s in sequences))
+            responses.append(bytes_output([row.prompt + parser.tokenizer.decode(t) for row, t in zip(rows, tokens)]))
         return responses
 
     return infer
+
+
+def make_stream_fn(scheduler: Any, parser: RequestParser):
+    """The callable of the decoupled model `OPT_stream`: one response per new piece of text, then the end.
+
+    It is a coroutine generator, so PyTriton's event loop serves any number of streams at once; the
+    scheduler's thread hands each token over with call_soon_threadsafe and nothing blocks the loop.
+    """
+    from pytriton.exceptions import PyTritonBadParameterError
+
+    async def stream(requests: list[Any]):
+        if len(requests) != 1:
+            raise PyTritonBadParameterError(f"{STREAM_MODEL_NAME} takes one request at a time, got {len(requests)}")
+        try:
+            rows = parser.parse(dict(requests[0].items()))
+        except BadRequest as error:
+            raise PyTritonBadParameterError(str(error)) from None
+        if len(rows) != 1:
+            raise PyTritonBadParameterError(f"{STREAM_MODEL_NAME} streams one row per request, got {len(rows)}")
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue[int | None] = asyncio.Queue()
+        sequence = scheduler.submit(rows[0].request, lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t))
+        sequence.future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
+        text = TextStream(parser.tokenizer)
+        while (token := await tokens.get()) is not None:
+            if piece := text.push(token):
+                yield [bytes_output([piece])]
+        sequence.future.result()  # raises the engine's error, if any
+        yield [bytes_output([text.finish()])]
+
+    return stream
+
+
+class PrometheusMetrics:
+    """The generation metrics, in their own registry, served in Prometheus text format on their own port."""
+
+    def __init__(self, slots: int):
+        import prometheus_client as prom
+
+        self.registry = prom.CollectorRegistry()
+        latency = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        per_token = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+        self._ttft = prom.Histogram("opt_time_to_first_token_seconds", "Time from a request's arrival to its first "
+                                    "generated token", buckets=latency, registry=self.registry)
+        self._tpot = prom.Histogram("opt_time_per_output_token_seconds", "Mean time between a request's generated "
+                                    "tokens after the first", buckets=per_token, registry=self.registry)
+        self._tokens = prom.Counter("opt_generated_tokens", "Tokens generated", registry=self.registry)
+        self._requests = prom.Counter("opt_requests", "Rows finished, by outcome", ["outcome"], registry=self.registry)
+        self._waiting = prom.Gauge("opt_queue_length", "Rows waiting for a decode slot", registry=self.registry)
+        self._busy = prom.Gauge("opt_busy_slots", "Decode slots holding a row", registry=self.registry)
+        prom.Gauge("opt_decode_slots", "Decode slots in all", registry=self.registry).set(slots)
+
+    def serve(self, port: int, address: str) -> None:
+        import prometheus_client as prom
+
+        prom.start_http_server(port, addr=address, registry=self.registry)
+
+    def first_token(self, seconds: float) -> None:
+        self._ttft.observe(seconds)
+
+    def finished(self, tokens: int, seconds_per_token: float | None, outcome: str) -> None:
+        self._requests.labels(outcome).inc()
+        if seconds_per_token is not None:
+            self._tpot.observe(seconds_per_token)
+
+    def tokens(self, count: int) -> None:
+        self._tokens.inc(count)
+
+    def load(self, waiting: int, busy_slots: int) -> None:
+        self._waiting.set(waiting)
+        self._busy.set(busy_slots)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -357,50 +435,91 @@ class GroupError(RuntimeError):
     """The group cannot form, or lost a rank: every rank exits non-zero so that an orchestrator restarts it."""
 
 
-WIRE_FORMAT = 1
-KIND_STOP, KIND_GENERATE = 0, 1
+WIRE_FORMAT = 2
+KIND_STOP, KIND_STEP = 0, 1
+HEADER_WORDS = 8  # format, kind, column, shift, window, groups, rows, tokens
+GROUP_WORDS = 3  # compiled rows, prompt bucket, admissions
+ROW_WORDS = 9  # slot, prompt length, max new tokens, temperature, top_k, top_p, seed low, seed high, ignore_eos
 
 
-def encode_batch(requests: Sequence[Any] | None) -> bytes:
-    """One channel message: a batch of opt_utils.Request, or None for "stop".
+def encode_plan(plan: Any | None) -> bytes:
+    """One channel message: an opt_utils.Plan, or None for "stop".
 
-    Wire format, little-endian int32 words, nothing pickled:
-        [0] WIRE_FORMAT   [1] kind (KIND_GENERATE or KIND_STOP)   [2] R rows   [3] N token ids in all
-        R words: each row's prompt length (true length, no padding)
-        R words: each row's output length (tokens to generate)
+    Wire format, little-endian 32-bit words, nothing pickled:
+        HEADER_WORDS: WIRE_FORMAT, kind (KIND_STEP or KIND_STOP), column, shift, window, G groups, R rows, N tokens
+        G x GROUP_WORDS: each prefill group's compiled row count, prompt bucket and number of admissions
+        R x ROW_WORDS: each admitted row, in group order: slot, prompt length, max new tokens, temperature
+            (float32 bits), top_k, top_p (float32 bits), seed low and high words, ignore_eos
         N words: the rows' prompt token ids, concatenated in row order
     """
-    requests = requests or []
-    lengths = [len(r.tokens) for r in requests]
-    header = [WIRE_FORMAT, KIND_STOP if not requests else KIND_GENERATE, len(requests), sum(lengths)]
-    words = [*header, *lengths, *(r.max_new_tokens for r in requests), *(t for r in requests for t in r.tokens)]
-    return np.asarray(words, dtype="<i4").tobytes()
+    if plan is None:
+        return np.asarray([WIRE_FORMAT, KIND_STOP, 0, 0, 0, 0, 0, 0], dtype="<i4").tobytes()
+    import opt_utils
+
+    admissions = [a for g in plan.groups for a in g.admissions]
+    rows = np.zeros((len(admissions), ROW_WORDS), dtype="<i4")
+    for i, a in enumerate(admissions):
+        s = a.request.sampling
+        lo, hi = opt_utils.split_seed(s.seed)
+        rows[i] = [a.slot, len(a.request.tokens), a.request.max_new_tokens, _float_bits(s.temperature), s.top_k,
+                   _float_bits(s.top_p), _signed(lo), _signed(hi), int(s.ignore_eos)]
+    tokens = [t for a in admissions for t in a.request.tokens]
+    header = [WIRE_FORMAT, KIND_STEP, plan.column, plan.shift, plan.window, len(plan.groups), len(admissions),
+              len(tokens)]
+    groups = [w for g in plan.groups for w in (g.rows, g.prompt_bucket, len(g.admissions))]
+    return np.concatenate([np.asarray(header + groups, "<i4"), rows.reshape(-1), np.asarray(tokens, "<i4")]).tobytes()
 
 
-def decode_batch(message: bytes) -> list[Any] | None:
-    """The inverse of `encode_batch`; a message that does not follow the format is a GroupError."""
+def _float_bits(value: float) -> int:
+    return int(np.asarray(value, "<f4").view("<i4"))
+
+
+def _signed(word: int) -> int:
+    return int(np.asarray(word, "<u4").view("<i4"))
+
+
+def decode_plan(message: bytes) -> Any | None:
+    """The inverse of `encode_plan`; a message that does not follow the format is a GroupError."""
     import opt_utils
 
     words = np.frombuffer(message, dtype="<i4")
-    if len(words) < 4 or words[0] != WIRE_FORMAT or words[1] not in (KIND_STOP, KIND_GENERATE):
-        raise GroupError(f"malformed channel message (header {words[:4].tolist()}); are all ranks the same version?")
-    rows, total = int(words[2]), int(words[3])
-    if len(words) != 4 + 2 * rows + total:
-        raise GroupError(f"channel message of {len(words)} words does not hold {rows} rows of {total} tokens")
+    if len(words) < HEADER_WORDS or words[0] != WIRE_FORMAT or words[1] not in (KIND_STOP, KIND_STEP):
+        raise GroupError(f"malformed channel message (header {words[:HEADER_WORDS].tolist()}); "
+                         "are all ranks the same version?")
+    column, shift, window, n_groups, n_rows, n_tokens = (int(w) for w in words[2:HEADER_WORDS])
+    rows_at = HEADER_WORDS + GROUP_WORDS * n_groups
+    tokens_at = rows_at + ROW_WORDS * n_rows
+    if min(n_groups, n_rows, n_tokens) < 0 or len(words) != tokens_at + n_tokens:
+        raise GroupError(f"channel message of {len(words)} words does not hold {n_groups} groups, {n_rows} rows "
+                         f"and {n_tokens} tokens")
     if words[1] == KIND_STOP:
         return None
-    lengths, outputs, tokens = words[4 : 4 + rows], words[4 + rows : 4 + 2 * rows], words[4 + 2 * rows :]
-    starts = np.concatenate([[0], np.cumsum(lengths)])
-    return [opt_utils.Request(tuple(int(t) for t in tokens[starts[i] : starts[i + 1]]), int(outputs[i]))
-            for i in range(rows)]
+    groups_words = words[HEADER_WORDS:rows_at].reshape(n_groups, GROUP_WORDS)
+    rows = words[rows_at:tokens_at].reshape(n_rows, ROW_WORDS)
+    if int(groups_words[:, 2].sum()) != n_rows or int(rows[:, 1].sum()) != n_tokens:
+        raise GroupError("channel message: its groups, rows and tokens do not add up")
+    tokens, starts = words[tokens_at:], np.concatenate([[0], np.cumsum(rows[:, 1])])
+    admissions = []
+    for i, r in enumerate(rows):
+        sampling = opt_utils.Sampling(
+            temperature=float(r[3:4].view("<f4")[0]), top_k=int(r[4]), top_p=float(r[5:6].view("<f4")[0]),
+            seed=int(r[6:7].view("<u4")[0]) | int(r[7:8].view("<u4")[0]) << 32, ignore_eos=bool(r[8]))
+        request = opt_utils.Request(tuple(int(t) for t in tokens[starts[i] : starts[i + 1]]), int(r[2]), sampling)
+        admissions.append(opt_utils.Admission(int(r[0]), request))
+    groups, first = [], 0
+    for b, bucket, count in groups_words.tolist():
+        groups.append(opt_utils.PrefillGroup(b, bucket, tuple(admissions[first : first + count])))
+        first += count
+    return opt_utils.Plan(column=column, shift=shift, groups=tuple(groups), window=window)
 
 
 class Channel:
-    """Rank 0 to every other rank, one message per batch, in order: the only data that crosses ranks.
+    """Rank 0 to every other rank, one message per engine step, in order: the only data that crosses ranks.
 
-    Message i lives under the key `opt-server/batch/<i>` of the coordination service that
-    jax.distributed runs in rank 0's process; workers wait on it with a blocking get. A batch's key is
-    deleted when the next is sent: by then every rank has run its collectives, so every rank has read it.
+    Message i lives under the key `opt-server/step/<i>` of the coordination service that
+    jax.distributed runs in rank 0's process; workers wait on it with a blocking get. A step's key is
+    deleted when the one after next is sent: rank 0 has read that step's tokens by then, so every rank
+    has run its collectives, and so every rank has read it.
     """
 
     def __init__(self, client: Any):
@@ -409,22 +528,22 @@ class Channel:
         self._received = 0
 
     def _key(self, index: int) -> str:
-        return f"{KEY_PREFIX}batch/{index}"
+        return f"{KEY_PREFIX}step/{index}"
 
-    def send(self, requests: Sequence[Any] | None) -> None:
-        """Rank 0: the next batch for every worker (None tells them to stop)."""
-        self._client.key_value_set_bytes(self._key(self._sent), encode_batch(requests))
-        if self._sent:
-            self._client.key_value_delete(self._key(self._sent - 1))
+    def send(self, plan: Any | None) -> None:
+        """Rank 0: the next step for every worker (None tells them to stop)."""
+        self._client.key_value_set_bytes(self._key(self._sent), encode_plan(plan))
+        if self._sent >= 2:
+            self._client.key_value_delete(self._key(self._sent - 2))
         self._sent += 1
 
-    def receive(self, stop: threading.Event) -> list[Any] | None:
-        """Workers: the next batch; None when rank 0 says stop or a signal sets `stop`."""
+    def receive(self, stop: threading.Event) -> Any | None:
+        """Workers: the next step; None when rank 0 says stop or a signal sets `stop`."""
         message = await_key(self._client, self._key(self._received), stop)
         if message is None:
             return None
         self._received += 1
-        return decode_batch(message)
+        return decode_plan(message)
 
 
 def await_key(client: Any, key: str, stop: threading.Event | None = None) -> bytes | None:
@@ -441,18 +560,6 @@ def await_key(client: Any, key: str, stop: threading.Event | None = None) -> byt
             if "DEADLINE_EXCEEDED" not in str(error):
                 time.sleep(RECEIVE_POLL_MS / 1000)
     return None
-
-
-@dataclasses.dataclass
-class GroupGenerator:
-    """Rank 0's generator in a group: each batch is sent to the workers, then every rank runs it."""
-
-    generator: Any  # opt_utils.Generator
-    channel: Channel
-
-    def generate(self, requests: Sequence[Any]) -> Any:
-        self.channel.send(requests)
-        return self.generator.generate(requests)
 
 
 class PeerMonitor:
@@ -736,40 +843,50 @@ def leave_group(group: Group | None, status: int, *, clean: bool) -> int:
 TRITON_START_ATTEMPTS = 3
 
 
-def serve(args: argparse.Namespace, generator: Any, config: Any, stop: threading.Event, group: Group | None) -> int:
-    """Rank 0: binds the Triton model and serves until SIGTERM/SIGINT, Triton's death or a lost peer."""
+def serve(args: argparse.Namespace, runner: Any, config: Any, stop: threading.Event, group: Group | None) -> int:
+    """Rank 0: binds the Triton models and serves until SIGTERM/SIGINT, Triton's death or a lost peer."""
+    import engine
     import opt_utils
 
     tokenizer = opt_utils.load_tokenizer(args.model_name, args.tokenizer, args.cache_dir, config)
     LOGGER.info("tokenizer: %s", tokenizer.description)
     if group:
-        group.wait_until_ready()  # Triton reports ready only once every rank can run a batch
-    engine = BatchingEngine(GroupGenerator(generator, group.channel) if group else generator, args.max_batch_size)
-    engine.start()
-    infer = make_infer_fn(engine, tokenizer, config.max_position_embeddings)
+        group.wait_until_ready()  # Triton reports ready only once every rank can run a step
+    metrics = PrometheusMetrics(runner.shapes.slots)
+    if args.generation_metrics_port:
+        metrics.serve(args.generation_metrics_port, args.bind_address)
+    scheduler = engine.Scheduler(runner, eos_id=config.eos_token_id, one_batch_at_a_time=args.one_batch_at_a_time,
+                                 publish=group.channel.send if group else lambda plan: None, metrics=metrics)
+    scheduler_stop = threading.Event()
+    scheduler_thread = threading.Thread(target=scheduler.run, args=(scheduler_stop,), name="engine", daemon=True)
+    scheduler_thread.start()
+    parser = RequestParser(tokenizer, config.max_position_embeddings, config.vocab_size)
     serving.set()  # from here a signal lets Triton stop cleanly instead of interrupting it
     reaper = start_reaper()
-    triton = start_triton(args, infer)
-    LOGGER.info("serving %s as Triton model %r on http :%d, grpc :%d, metrics :%d", args.model_name, MODEL_NAME,
-                args.http_port, args.grpc_port, args.metrics_port)
-    problem = wait_for_stop(triton, engine, stop, group)
+    triton = start_triton(args, make_infer_fn(scheduler, parser), make_stream_fn(scheduler, parser))
+    LOGGER.info("serving %s as Triton models %r and %r on http :%d, grpc :%d, metrics :%d; generation metrics :%s; "
+                "%s", args.model_name, MODEL_NAME, STREAM_MODEL_NAME, args.http_port, args.grpc_port,
+                args.metrics_port, args.generation_metrics_port or "off",
+                "one batch at a time" if args.one_batch_at_a_time else f"{args.decode_slots} decode slots")
+    problem = wait_for_stop(triton, scheduler, stop, group)
     if problem:  # nothing more will finish: fail what waits before Triton's stop waits for it
         LOGGER.error("stopping: %s", problem)
-        engine.abort(GroupError(problem))
+        scheduler.abort(GroupError(problem))
         if group:
             group.monitor.leave(problem, failed=True)
     reaper.kill()
     reaper.wait()
     stop_triton(triton)
-    engine.stop(timeout=2 if problem else 60)
+    scheduler_stop.set()
+    scheduler_thread.join(timeout=2 if problem else 60)
     if group and not problem:
         group.channel.send(None)
     LOGGER.info("stopped")
     return 1 if problem else 0
 
 
-def start_triton(args: argparse.Namespace, infer: Any) -> Any:
-    """Starts Triton with the model `OPT` bound, trying again when the model fails to load.
+def start_triton(args: argparse.Namespace, infer: Any, stream: Any) -> Any:
+    """Starts Triton with the models `OPT` and `OPT_stream` bound, trying again when a model fails to load.
 
     PyTriton 0.7's model instances race for a 1-second handshake with the first instance's stub;
     on a loaded machine the others can time out or be refused, and the load fails as a whole.
@@ -783,18 +900,19 @@ def start_triton(args: argparse.Namespace, infer: Any) -> Any:
         metrics_address=args.bind_address, metrics_port=args.metrics_port,
         exit_timeout_secs=args.exit_timeout, log_verbose=1 if args.verbose else 0,
     )
+    inputs = [Tensor(name="input", dtype=bytes, shape=(1,)), Tensor(name="output_length", dtype=np.int64, shape=(1,)),
+              *(Tensor(name=o.name, dtype=o.dtype, shape=(1,), optional=True) for o in optional_inputs(0))]
+    outputs = [Tensor(name="output", dtype=bytes, shape=(1,))]
     for attempt in range(1, TRITON_START_ATTEMPTS + 1):
         triton = Triton(config=triton_config)
         try:
-            triton.bind(
-                model_name=MODEL_NAME,
-                infer_func=[infer] * args.model_instances,
-                inputs=[Tensor(name="input", dtype=bytes, shape=(1,)),
-                        Tensor(name="output_length", dtype=np.int64, shape=(1,))],
-                outputs=[Tensor(name="output", dtype=bytes, shape=(1,))],
-                config=ModelConfig(max_batch_size=args.max_batch_size, batcher=None),
-                strict=True,
-            )
+            triton.bind(model_name=MODEL_NAME, infer_func=[infer] * args.model_instances, inputs=inputs,
+                        outputs=outputs, config=ModelConfig(max_batch_size=args.max_batch_size, batcher=None),
+                        strict=True)
+            # Decoupled: the stub hands each request over and returns at once, so one instance serves any
+            # number of streams (the callable is a coroutine generator on PyTriton's event loop).
+            triton.bind(model_name=STREAM_MODEL_NAME, infer_func=stream, inputs=inputs, outputs=outputs,
+                        config=ModelConfig(max_batch_size=1, batcher=None, decoupled=True), strict=True)
             triton.run()
             return triton
         except Exception as error:  # PyTriton passes tritonclient's load error through
@@ -864,7 +982,7 @@ def _existing_process(pid: int) -> psutil.Process | None:
         return None
 
 
-def wait_for_stop(triton: Any, engine: BatchingEngine, stop: threading.Event, group: Group | None) -> str | None:
+def wait_for_stop(triton: Any, engine: Any, stop: threading.Event, group: Group | None) -> str | None:
     """Blocks until a signal (None) or a failure: Triton died, the engine failed, or a peer was lost."""
     while not stop.wait(timeout=1.0):
         if group and group.monitor.lost:
@@ -905,17 +1023,23 @@ def reap_leftovers(processes: Sequence[psutil.Process], folders: set[Path]) -> N
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def work(generator: Any, group: Group, stop: threading.Event) -> int:
-    """Ranks 1..N-1: run every batch rank 0 sends, until it says stop or a signal arrives.
+def work(runner: Any, group: Group, stop: threading.Event) -> int:
+    """Ranks 1..N-1: run every step rank 0 sends, until it says stop or a signal arrives.
 
     A lost peer ends this process from the monitor's thread, wherever this loop is waiting.
     """
-    serving.set()  # from here a signal ends the loop between batches
+    import jax
+
+    serving.set()  # from here a signal ends the loop between steps
     group.announce_ready()
-    LOGGER.info("rank %d ready: running the batches rank 0 sends", group.rank)
-    while (requests := group.channel.receive(stop)) is not None:
+    LOGGER.info("rank %d ready: running the steps rank 0 sends", group.rank)
+    previous = None
+    while (plan := group.channel.receive(stop)) is not None:
         try:
-            generator.generate(requests)
+            output = runner.run(plan)
+            if previous is not None:  # as rank 0 does: at most one step queued ahead on the devices
+                jax.block_until_ready(previous.tokens)
+            previous = output
         except Exception as error:  # a failed collective: usually a peer died, which the monitor names
             lost = group.monitor.wait_lost(group.monitor.timeout + 2 * HEARTBEAT_INTERVAL_S)
             LOGGER.error("stopping: %s", lost or f"generation failed: {error}")
@@ -940,12 +1064,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         group = join_group(args, stop) if args.number_of_nodes > 1 else None
         begin = time.perf_counter()
-        generator, config = build_generator(args)
+        runner, config = build_runner(args)
         LOGGER.info("model loaded and warmed up in %.1f s", time.perf_counter() - begin)
         if args.rank == 0:
-            status = serve(args, generator, config, stop, group)
+            status = serve(args, runner, config, stop, group)
         else:
-            status = work(generator, group, stop)
+            status = work(runner, group, stop)
     except StopRequested as signal_name:
         LOGGER.info("stopped by %s before serving", signal_name)
         if group:

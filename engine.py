@@ -1,0 +1,281 @@
+"""Continuous batching on rank 0: which request runs in which decode slot, one step at a time.
+
+Requests wait in a FIFO queue. Before every decode step the scheduler admits waiting requests into
+free slots (their prompts prefilled in length buckets), so a request waits for another only when
+every slot is busy, and a finished request frees its slot for the next step. Each step is a
+`opt_utils.Plan`: rank 0 publishes it (to the other ranks, through the group's channel) and runs it
+on its own `opt_utils.SlotRunner`; every rank runs the same programs on the same plan.
+
+The step's tokens are read one step late: step i+1 is dispatched before step i's tokens are fetched,
+so the device never waits for the host's bookkeeping. A slot that finished in step i therefore runs
+one more (frozen, unread) step before it is reused.
+
+`one_batch_at_a_time` is the original example's way, kept for comparison: a batch is admitted only
+when every slot is empty, and runs until its last row ends.
+
+Nothing here knows Triton, sockets or ranks: the server gives a `publish` callable and a runner.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from opt_utils import Admission, Plan, PrefillGroup, Request, SlotShapes, StepOutput
+
+LOGGER = logging.getLogger("engine")
+
+
+class Metrics(Protocol):
+    """What the scheduler reports; `PrometheusMetrics` exports it, `NO_METRICS` drops it."""
+
+    def first_token(self, seconds: float) -> None: ...
+
+    def finished(self, tokens: int, seconds_per_token: float | None, outcome: str) -> None: ...
+
+    def tokens(self, count: int) -> None: ...
+
+    def load(self, waiting: int, busy_slots: int) -> None: ...
+
+
+class _NoMetrics:
+    def first_token(self, seconds: float) -> None:
+        pass
+
+    def finished(self, tokens: int, seconds_per_token: float | None, outcome: str) -> None:
+        pass
+
+    def tokens(self, count: int) -> None:
+        pass
+
+    def load(self, waiting: int, busy_slots: int) -> None:
+        pass
+
+
+NO_METRICS: Metrics = _NoMetrics()
+
+
+class Runner(Protocol):
+    """What the scheduler needs of opt_utils.SlotRunner."""
+
+    shapes: SlotShapes
+
+    def run(self, plan: Plan) -> StepOutput: ...
+
+
+@dataclasses.dataclass(eq=False)
+class InFlight:
+    """A request in flight: its tokens so far, and who hears of them."""
+
+    request: Request
+    on_token: Callable[[int], None] | None  # called in the scheduler's thread for every new token: keep it cheap
+    eos_id: int
+    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    submitted: float = dataclasses.field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    finished: bool = False
+
+    def add(self, token: int, now: float, metrics: Metrics) -> None:
+        """One generated token; EOS (unless ignored) or the output length ends the sequence."""
+        if self.finished:
+            return
+        if self.first_token_at is None:
+            self.first_token_at = now
+            metrics.first_token(now - self.submitted)
+        if token == self.eos_id and not self.request.sampling.ignore_eos:
+            self.finish(now, metrics)
+            return
+        self.tokens.append(token)
+        metrics.tokens(1)
+        if self.on_token is not None:
+            self.on_token(token)
+        if len(self.tokens) >= self.request.max_new_tokens:
+            self.finish(now, metrics)
+
+    def finish(self, now: float, metrics: Metrics) -> None:
+        self.finished = True
+        n = len(self.tokens)
+        per_token = (now - self.first_token_at) / (n - 1) if self.first_token_at is not None and n > 1 else None
+        metrics.finished(n, per_token, "ok")
+        if not self.future.done():
+            self.future.set_result(list(self.tokens))
+
+    def fail(self, error: BaseException, metrics: Metrics) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        metrics.finished(len(self.tokens), None, "error")
+        try:
+            self.future.set_exception(error)
+        except concurrent.futures.InvalidStateError:  # answered meanwhile
+            pass
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A dispatched step whose tokens have not been read yet."""
+
+    plan: Plan
+    occupants: list[InFlight | None]  # slot -> its sequence when the step was planned
+    output: StepOutput
+
+
+class Scheduler:
+    """Admits requests into slots and runs the engine step by step (`run` in a thread, or `generate`)."""
+
+    def __init__(self, runner: Runner, *, eos_id: int, one_batch_at_a_time: bool = False,
+                 publish: Callable[[Plan], None] = lambda plan: None, metrics: Metrics = NO_METRICS):
+        self._runner = runner
+        self.shapes = runner.shapes
+        self._eos_id = eos_id
+        self._one_batch = one_batch_at_a_time
+        self._publish = publish
+        self._metrics = metrics
+        self._waiting: collections.deque[InFlight] = collections.deque()
+        self._wake = threading.Condition()
+        self._slots: list[InFlight | None] = [None] * self.shapes.slots
+        self._first_valid = np.zeros(self.shapes.slots, np.int64)  # host copy, per slot
+        self._column = 0  # host copy of the runner's column
+        self._pending: _Pending | None = None
+        self.failure: BaseException | None = None
+
+    # -- requests ----------------------------------------------------------------------------------
+    def submit(self, request: Request, on_token: Callable[[int], None] | None = None) -> InFlight:
+        """Queues a request; its future gets the generated tokens (EOS excluded)."""
+        if self.failure is not None:
+            raise RuntimeError(f"the generation engine failed: {self.failure}")
+        needed = len(request.tokens) + request.max_new_tokens
+        if needed > self.shapes.max_positions:
+            raise ValueError(f"prompt of {len(request.tokens)} tokens plus {request.max_new_tokens} new ones exceeds "
+                             f"the model's {self.shapes.max_positions} positions")
+        sequence = InFlight(request, on_token, self._eos_id)
+        with self._wake:
+            self._waiting.append(sequence)
+            self._wake.notify()
+        return sequence
+
+    def abort(self, error: BaseException) -> None:
+        """Fails every waiting and running request at once (a lost peer: nothing will finish)."""
+        self.failure = error
+        with self._wake:
+            doomed = [*self._waiting, *(s for s in self._slots if s is not None)]
+            self._waiting.clear()
+            self._wake.notify_all()
+        for sequence in doomed:
+            sequence.fail(error, self._metrics)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting) or any(s is not None for s in self._slots) or self._pending is not None
+
+    # -- running -----------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Steps while there is work; sleeps until a request comes; returns once `stop` is set and all is done."""
+        while True:
+            try:
+                worked = self.step()
+            except Exception as error:  # a device or peer failure: every request hears of it
+                LOGGER.exception("generation failed")
+                self.abort(error)
+                return
+            if worked:
+                continue
+            if stop.is_set():
+                return
+            with self._wake:
+                if not self._waiting:
+                    self._wake.wait(timeout=0.5)
+
+    def generate(self, requests: Sequence[Request]) -> list[list[int]]:
+        """Runs the requests to the end in this thread (tests, benchmarks): each one's tokens, EOS excluded."""
+        sequences = [self.submit(r) for r in requests]
+        while self.step():
+            pass
+        return [s.future.result() for s in sequences]
+
+    def step(self) -> bool:
+        """Plans and dispatches one step, then reads the previous one. False when there was nothing to do."""
+        plan = self._plan()
+        pending = None
+        if plan is not None:
+            occupants = list(self._slots)
+            self._publish(plan)
+            pending = _Pending(plan, occupants, self._runner.run(plan))
+        previous, self._pending = self._pending, pending
+        if previous is not None:
+            self._collect(previous)
+        self._metrics.load(len(self._waiting), sum(s is not None for s in self._slots))
+        return plan is not None or previous is not None
+
+    # -- planning ----------------------------------------------------------------------------------
+    def _plan(self) -> Plan | None:
+        admitted = self._admit()
+        live = [s for s, seq in enumerate(self._slots) if seq is not None]
+        if not live:
+            return None
+        groups = self._groups(admitted)
+        column, shift = self._column, 0
+        if column >= self.shapes.columns:  # no room for the next token: drop the columns nobody reads
+            old = [s for s in live if s not in admitted]
+            shift = max(0, min(int(self._first_valid[old].min()) if old else column, column))
+        longest = max((g.prompt_bucket for g in groups), default=0)
+        shift = min(shift, column - longest)  # roll right when the new prompts need more columns before t
+        self._first_valid -= shift
+        t = column - shift
+        for slot, sequence in admitted.items():
+            self._first_valid[slot] = t - len(sequence.request.tokens)
+        window = self.shapes.window(t - int(self._first_valid[live].min()) + 1)
+        self._column = t + 1
+        return Plan(column=column, shift=shift, groups=groups, window=window)
+
+    def _admit(self) -> dict[int, InFlight]:
+        """Moves waiting requests into free slots, FIFO; returns slot -> sequence for those admitted."""
+        free = [s for s, seq in enumerate(self._slots) if seq is None]
+        if self._one_batch and len(free) < len(self._slots):
+            return {}  # the original's way: the running batch ends before another starts
+        admitted: dict[int, InFlight] = {}
+        budget = self.shapes.prefill_tokens  # padded prompt tokens per step: bounds the pause of the others
+        with self._wake:
+            while free and self._waiting:
+                cost = self.shapes.prompt_bucket(len(self._waiting[0].request.tokens))
+                if admitted and cost > budget and not self._one_batch:
+                    break
+                budget -= cost
+                slot = free.pop(0)
+                admitted[slot] = self._slots[slot] = self._waiting.popleft()
+        return admitted
+
+    def _groups(self, admitted: dict[int, InFlight]) -> tuple[PrefillGroup, ...]:
+        """The admitted requests in prefill calls: same prompt bucket together, up to its compiled row counts."""
+        by_bucket: dict[int, list[Admission]] = collections.defaultdict(list)
+        for slot, sequence in admitted.items():
+            by_bucket[self.shapes.prompt_bucket(len(sequence.request.tokens))].append(Admission(slot, sequence.request))
+        groups = []
+        for bucket, admissions in sorted(by_bucket.items()):
+            most = self.shapes.prefill_rows(bucket)[-1]
+            for i in range(0, len(admissions), most):
+                part = tuple(admissions[i : i + most])
+                groups.append(PrefillGroup(self.shapes.prefill_batch(len(part), bucket), bucket, part))
+        return tuple(groups)
+
+    # -- reading a step's tokens -------------------------------------------------------------------
+    def _collect(self, pending: _Pending) -> None:
+        import jax
+
+        firsts, tokens = jax.device_get((pending.output.first_tokens, pending.output.tokens))
+        now = time.monotonic()
+        for group, first in zip(pending.plan.groups, firsts):
+            for admission, token in zip(group.admissions, np.asarray(first)):
+                pending.occupants[admission.slot].add(int(token), now, self._metrics)
+        for slot, sequence in enumerate(pending.occupants):
+            if sequence is not None:
+                sequence.add(int(tokens[slot]), now, self._metrics)
+                if sequence.finished and self._slots[slot] is sequence:
+                    self._slots[slot] = None
