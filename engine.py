@@ -233,7 +233,8 @@ class Scheduler:
             self._first_valid[slot] = t - len(sequence.request.tokens)
         window = self.shapes.window(t - int(self._first_valid[live].min()) + 1)
         self._column = t + 1
-        return Plan(column=column, shift=shift, groups=groups, window=window)
+        sampling = any(not self._slots[s].request.sampling.greedy for s in live)
+        return Plan(column=column, shift=shift, groups=groups, window=window, sampling=sampling)
 
     def _admit(self) -> dict[int, InFlight]:
         """Moves waiting requests into free slots, FIFO; returns slot -> sequence for those admitted."""

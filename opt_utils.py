@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import os
@@ -743,20 +744,18 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
 
 
 def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seed: jax.Array,
-           index: jax.Array) -> jax.Array:
+           index: jax.Array, sampling: bool) -> jax.Array:
     """[B, V] float32 logits -> [B] int32: argmax where temperature is 0, else a draw from the filtered softmax.
 
     The draw is argmax(filtered logits + Gumbel noise), the noise from the row's seed and token index.
-    The sort and the noise run only when some row samples (lax.cond), so greedy batches pay nothing.
+    `sampling` is static: the host knows whether any row samples and runs the program compiled without
+    the sort and the noise when none does (a device-side cond costs a device-to-host sync on GPUs).
     """
-
-    def draw(logits: jax.Array) -> jax.Array:
-        noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(sampling_keys(seed, index))
-        return greedy(filter_logits(logits, temperature, top_k, top_p) + noise)
-
-    sampling = temperature > 0
-    drawn = jax.lax.cond(jnp.any(sampling), draw, greedy, logits)
-    return jnp.where(sampling, drawn, greedy(logits))
+    if not sampling:
+        return greedy(logits)
+    noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(sampling_keys(seed, index))
+    drawn = greedy(filter_logits(logits, temperature, top_k, top_p) + noise)
+    return jnp.where(temperature > 0, drawn, greedy(logits))
 
 
 # (params, tokens [B, T], cache, column [], first_valid [B], window) -> (logits [B, V] of tokens[:, -1], cache)
@@ -775,7 +774,7 @@ def prefill_chunk(model: ModelFn, params: Any, cache: KVCache, tokens: jax.Array
 
 
 def admit(cache: KVCache, state: SlotState, prompts: KVCache, logits: jax.Array, rows: Admissions,
-          eos_id: int) -> tuple[KVCache, SlotState, jax.Array]:
+          eos_id: int, sampling: bool) -> tuple[KVCache, SlotState, jax.Array]:
     """Copies prefilled rows into their slots so that their last prompt token sits at column t-1.
 
     prompts: [b, H, P, Dh] per layer, left-padded; logits: [b, V]. Returns the cache, the state with
@@ -783,7 +782,7 @@ def admit(cache: KVCache, state: SlotState, prompts: KVCache, logits: jax.Array,
     """
     b, P = logits.shape[0], prompts.k[0].shape[2]
     t = state.column
-    first = sample(logits, rows.temperature, rows.top_k, rows.top_p, rows.seed, jnp.zeros((b,), jnp.int32))
+    first = sample(logits, rows.temperature, rows.top_k, rows.top_p, rows.seed, jnp.zeros((b,), jnp.int32), sampling)
 
     def place(layer: jax.Array, new: jax.Array) -> jax.Array:
         for i in range(b):  # b is small and static; each copy is in place
@@ -807,10 +806,10 @@ def admit(cache: KVCache, state: SlotState, prompts: KVCache, logits: jax.Array,
 
 
 def decode_step(model: ModelFn, params: Any, cache: KVCache, state: SlotState, eos_id: int,
-                window: int | None) -> tuple[KVCache, SlotState]:
+                window: int | None, sampling: bool) -> tuple[KVCache, SlotState]:
     """One new token for every unfinished slot; finished slots repeat their last token, which nobody reads."""
     logits, cache = model(params, state.tokens[:, None], cache, state.column, state.first_valid, window)
-    picked = sample(logits, state.temperature, state.top_k, state.top_p, state.seed, state.generated)
+    picked = sample(logits, state.temperature, state.top_k, state.top_p, state.seed, state.generated, sampling)
     new = jnp.where(state.done, state.tokens, picked)
     live = (~state.done).astype(jnp.int32)
     remaining = state.remaining - live
@@ -846,6 +845,10 @@ class PrefillGroup:
     prompt_bucket: int
     admissions: tuple[Admission, ...]
 
+    @property
+    def sampling(self) -> bool:
+        return any(not a.request.sampling.greedy for a in self.admissions)
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -855,6 +858,7 @@ class Plan:
     shift: int  # columns to roll the cache to the left first (negative: to the right; 0: none)
     groups: tuple[PrefillGroup, ...]
     window: int  # columns the decode step attends over
+    sampling: bool  # some live slot samples (else the greedy-only program runs)
 
 
 @dataclasses.dataclass
@@ -910,11 +914,12 @@ class SlotRunner:
         ).lower().compile()
         self._programs["shift",] = jax.jit(shift_columns, donate_argnums=(0, 1), out_shardings=outs).lower(
             cache, state, self._spec(jax.ShapeDtypeStruct((), jnp.int32))).compile(self._compiler_options())
-        for w in self.shapes.windows:
+        for w, sampling in itertools.product(self.shapes.windows, (False, True)):
             # The new tokens also come out on their own: the state is donated to the next step before
             # rank 0 reads them.
-            step = lambda p, c, s, w=w: (lambda c, s: (c, s, s.tokens))(*decode_step(self._apply, p, c, s, eos, w))
-            self._programs["decode", w] = jax.jit(step, donate_argnums=(1, 2), out_shardings=(
+            step = lambda p, c, s, w=w, sampling=sampling: (lambda c, s: (c, s, s.tokens))(
+                *decode_step(self._apply, p, c, s, eos, w, sampling))
+            self._programs["decode", w, sampling] = jax.jit(step, donate_argnums=(1, 2), out_shardings=(
                 *outs, self._replicated)).lower(
                 params, cache, state).compile(self._compiler_options())
 
@@ -932,15 +937,19 @@ class SlotRunner:
         options = self._compiler_options()
         self._programs["prompts", rows, bucket] = jax.jit(
             lambda: KVCache.zeros(cfg, rows, bucket, dtype), out_shardings=self._shardings(prompts)).lower().compile()
-        prefill = lambda p, c, t, col, fv: prefill_chunk(self._apply, p, c, t, col, fv)
+        # `after` (unused, kept) is the newest state's column: a prefill then starts only once the step
+        # before it is done. Independent programs may otherwise run at once, in a different order on each
+        # rank, and two ranks each waiting in another program's collective never return.
+        prefill = lambda p, c, t, col, fv, after: prefill_chunk(self._apply, p, c, t, col, fv)
         self._programs["prefill", rows, bucket] = jax.jit(
-            prefill, donate_argnums=1, out_shardings=(self._shardings(prompts), self._replicated)
-        ).lower(self._spec_of_params(), prompts, vec(jnp.int32, chunk), scalar, vec(jnp.int32)).compile(options)
-        place = lambda c, s, pr, lg, rw: admit(c, s, pr, lg, rw, cfg.eos_token_id)
-        self._programs["admit", rows, bucket] = jax.jit(
-            place, donate_argnums=(0, 1),
-            out_shardings=(self._shardings(cache), self._shardings(state), self._replicated),
-        ).lower(cache, state, prompts, logits, admissions).compile(options)
+            prefill, donate_argnums=1, keep_unused=True, out_shardings=(self._shardings(prompts), self._replicated)
+        ).lower(self._spec_of_params(), prompts, vec(jnp.int32, chunk), scalar, vec(jnp.int32), scalar).compile(options)
+        for sampling in (False, True):
+            place = lambda c, s, pr, lg, rw, sampling=sampling: admit(c, s, pr, lg, rw, cfg.eos_token_id, sampling)
+            self._programs["admit", rows, bucket, sampling] = jax.jit(
+                place, donate_argnums=(0, 1),
+                out_shardings=(self._shardings(cache), self._shardings(state), self._replicated),
+            ).lower(cache, state, prompts, logits, admissions).compile(options)
 
     def _shardings(self, spec_tree: Any) -> Any:
         return jax.tree_util.tree_map(lambda a: a.sharding, spec_tree)
@@ -995,7 +1004,8 @@ class SlotRunner:
             self.cache, self.state = self._program("shift")(self.cache, self.state, self._put(np.int32(plan.shift)))
             self.column -= plan.shift
         firsts = [self._prefill_and_admit(group) for group in plan.groups]
-        self.cache, self.state, tokens = self._program("decode", plan.window)(self.params, self.cache, self.state)
+        self.cache, self.state, tokens = self._program("decode", plan.window, plan.sampling)(
+            self.params, self.cache, self.state)
         self.column += 1
         return StepOutput(firsts, tokens)
 
@@ -1011,8 +1021,8 @@ class SlotRunner:
         # Chunks of nothing but left padding are skipped: their columns are never read.
         for column in range(int(first_valid.min()) // chunk * chunk, P, chunk):
             prompts, logits = prefill(self.params, prompts, self._put(tokens[:, column : column + chunk]),
-                                      self._put(np.int32(column)), fv)
-        self.cache, self.state, first = self._program("admit", b, P)(
+                                      self._put(np.int32(column)), fv, self.state.column)
+        self.cache, self.state, first = self._program("admit", b, P, group.sampling)(
             self.cache, self.state, prompts, logits, self._admissions(group))
         return first
 

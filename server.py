@@ -437,7 +437,7 @@ class GroupError(RuntimeError):
 
 WIRE_FORMAT = 2
 KIND_STOP, KIND_STEP = 0, 1
-HEADER_WORDS = 8  # format, kind, column, shift, window, groups, rows, tokens
+HEADER_WORDS = 9  # format, kind, column, shift, window, sampling, groups, rows, tokens
 GROUP_WORDS = 3  # compiled rows, prompt bucket, admissions
 ROW_WORDS = 9  # slot, prompt length, max new tokens, temperature, top_k, top_p, seed low, seed high, ignore_eos
 
@@ -446,14 +446,15 @@ def encode_plan(plan: Any | None) -> bytes:
     """One channel message: an opt_utils.Plan, or None for "stop".
 
     Wire format, little-endian 32-bit words, nothing pickled:
-        HEADER_WORDS: WIRE_FORMAT, kind (KIND_STEP or KIND_STOP), column, shift, window, G groups, R rows, N tokens
+        HEADER_WORDS: WIRE_FORMAT, kind (KIND_STEP or KIND_STOP), column, shift, window, sampling (0 or 1),
+            G groups, R rows, N tokens
         G x GROUP_WORDS: each prefill group's compiled row count, prompt bucket and number of admissions
         R x ROW_WORDS: each admitted row, in group order: slot, prompt length, max new tokens, temperature
             (float32 bits), top_k, top_p (float32 bits), seed low and high words, ignore_eos
         N words: the rows' prompt token ids, concatenated in row order
     """
     if plan is None:
-        return np.asarray([WIRE_FORMAT, KIND_STOP, 0, 0, 0, 0, 0, 0], dtype="<i4").tobytes()
+        return np.asarray([WIRE_FORMAT, KIND_STOP] + [0] * (HEADER_WORDS - 2), dtype="<i4").tobytes()
     import opt_utils
 
     admissions = [a for g in plan.groups for a in g.admissions]
@@ -464,8 +465,8 @@ def encode_plan(plan: Any | None) -> bytes:
         rows[i] = [a.slot, len(a.request.tokens), a.request.max_new_tokens, _float_bits(s.temperature), s.top_k,
                    _float_bits(s.top_p), _signed(lo), _signed(hi), int(s.ignore_eos)]
     tokens = [t for a in admissions for t in a.request.tokens]
-    header = [WIRE_FORMAT, KIND_STEP, plan.column, plan.shift, plan.window, len(plan.groups), len(admissions),
-              len(tokens)]
+    header = [WIRE_FORMAT, KIND_STEP, plan.column, plan.shift, plan.window, int(plan.sampling), len(plan.groups),
+              len(admissions), len(tokens)]
     groups = [w for g in plan.groups for w in (g.rows, g.prompt_bucket, len(g.admissions))]
     return np.concatenate([np.asarray(header + groups, "<i4"), rows.reshape(-1), np.asarray(tokens, "<i4")]).tobytes()
 
@@ -486,7 +487,7 @@ def decode_plan(message: bytes) -> Any | None:
     if len(words) < HEADER_WORDS or words[0] != WIRE_FORMAT or words[1] not in (KIND_STOP, KIND_STEP):
         raise GroupError(f"malformed channel message (header {words[:HEADER_WORDS].tolist()}); "
                          "are all ranks the same version?")
-    column, shift, window, n_groups, n_rows, n_tokens = (int(w) for w in words[2:HEADER_WORDS])
+    column, shift, window, sampling, n_groups, n_rows, n_tokens = (int(w) for w in words[2:HEADER_WORDS])
     rows_at = HEADER_WORDS + GROUP_WORDS * n_groups
     tokens_at = rows_at + ROW_WORDS * n_rows
     if min(n_groups, n_rows, n_tokens) < 0 or len(words) != tokens_at + n_tokens:
@@ -501,16 +502,16 @@ def decode_plan(message: bytes) -> Any | None:
     tokens, starts = words[tokens_at:], np.concatenate([[0], np.cumsum(rows[:, 1])])
     admissions = []
     for i, r in enumerate(rows):
-        sampling = opt_utils.Sampling(
+        settings = opt_utils.Sampling(
             temperature=float(r[3:4].view("<f4")[0]), top_k=int(r[4]), top_p=float(r[5:6].view("<f4")[0]),
             seed=int(r[6:7].view("<u4")[0]) | int(r[7:8].view("<u4")[0]) << 32, ignore_eos=bool(r[8]))
-        request = opt_utils.Request(tuple(int(t) for t in tokens[starts[i] : starts[i + 1]]), int(r[2]), sampling)
+        request = opt_utils.Request(tuple(int(t) for t in tokens[starts[i] : starts[i + 1]]), int(r[2]), settings)
         admissions.append(opt_utils.Admission(int(r[0]), request))
     groups, first = [], 0
     for b, bucket, count in groups_words.tolist():
         groups.append(opt_utils.PrefillGroup(b, bucket, tuple(admissions[first : first + count])))
         first += count
-    return opt_utils.Plan(column=column, shift=shift, groups=tuple(groups), window=window)
+    return opt_utils.Plan(column=column, shift=shift, groups=tuple(groups), window=window, sampling=bool(sampling))
 
 
 class Channel:

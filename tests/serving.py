@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import psutil
 
@@ -46,6 +46,7 @@ class ServerProcess:
     grpc_port: int
     metrics_port: int
     log_path: Path
+    generation_metrics_port: int = 0
 
     @property
     def http_url(self) -> str:
@@ -89,18 +90,18 @@ class ServerProcess:
 
 
 def start_server(tmp: Path, cache_dir: Path, *extra: str, model: str = "random/tiny", name: str = "server") -> ServerProcess:
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics, generation_metrics = free_ports(4)
     log_path = tmp / f"{name}-{http}.log"
     command = [
         sys.executable, str(ROOT / "server.py"), "--model-name", model, "--cache-dir", str(cache_dir),
         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-        "--bind-address", "127.0.0.1", "--exit-timeout", "3", *extra,
+        "--generation-metrics-port", str(generation_metrics), "--bind-address", "127.0.0.1", "--exit-timeout", "3", *extra,
     ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
-    return ServerProcess(process, http, grpc, metrics, log_path)
+    return ServerProcess(process, http, grpc, metrics, log_path, generation_metrics)
 
 
 def start_group(tmp: Path, cache_dir: Path, nodes: int, *extra: str, order: Sequence[int] | None = None,
@@ -148,19 +149,22 @@ def wait_ready(server: ServerProcess, timeout: float = 300) -> None:
     raise AssertionError(f"server not ready after {timeout} s:\n{server.log()[-5000:]}")
 
 
-def infer(url: str, prompts: Sequence[bytes | str], lengths: Sequence[int], timeout: float = 120) -> list[str]:
+def infer(url: str, prompts: Sequence[bytes | str], lengths: Sequence[int], timeout: float = 120,
+          sampling: Any = None) -> list[str]:
     """One Triton request (HTTP or gRPC by the URL's scheme) with one row per prompt; no readiness wait.
 
-    Unlike client.py it sends prompts as given, bytes that are not UTF-8 included.
+    Unlike client.py it sends prompts as given, bytes that are not UTF-8 included. `sampling`: a
+    client.Sampling, the same settings on every row.
     """
-    from client import MODEL_NAME, request_inputs, triton_url
+    from client import MODEL_NAME, Sampling, request_inputs, triton_url
 
     protocol, address = triton_url(url)
     if protocol == "grpc":
         import tritonclient.grpc as client_lib
     else:
         import tritonclient.http as client_lib
-    inputs = request_inputs(client_lib, [p.encode("utf-8") if isinstance(p, str) else p for p in prompts], lengths)
+    inputs = request_inputs(client_lib, [p.encode("utf-8") if isinstance(p, str) else p for p in prompts], lengths,
+                            sampling=sampling or Sampling())
     if protocol == "grpc":
         client = client_lib.InferenceServerClient(address)
         result = client.infer(MODEL_NAME, inputs, client_timeout=timeout)

@@ -3,6 +3,7 @@ one jax.distributed group; rank 0 serves Triton. Faults are real: kill -9 and SI
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import contextlib
 import json
 import re
@@ -16,12 +17,12 @@ import pytest
 import tritonclient.http as httpclient
 
 import server
-from opt_utils import Request
+from opt_utils import Admission, Plan, PrefillGroup, Request, Sampling
 from serving import (MIXED_LENGTHS, MIXED_PROMPTS, ServerProcess, infer, run_client, start_group, start_server,
                      wait_exit, wait_ready)
 
 # float32 so that 1, 2, 4 and 6 devices sum the split matmuls to the same greedy tokens.
-SERVER_ARGS = ("--max-batch-size", "8", "--model-instances", "2", "--max-cache-tokens", "4096", "--dtype", "float32",
+SERVER_ARGS = ("--max-batch-size", "8", "--model-instances", "2", "--decode-slots", "4", "--dtype", "float32",
                "--peer-timeout", "5")
 FAULT_DEADLINE_S = 30  # the issue's bound: a lost node turns into errors and exits within this
 
@@ -96,20 +97,31 @@ def is_live(head: ServerProcess) -> bool:
 # --- the wire format ------------------------------------------------------------------------------
 
 
-def test_a_batch_crosses_the_channel_as_plain_integers_and_comes_back_equal():
-    requests = [Request((2, 100, 7), 16), Request((2,), 1), Request(tuple(range(2, 300)), 2000)]
-    message = server.encode_batch(requests)
-    assert len(message) == 4 * (4 + 2 * 3 + 3 + 1 + 298)  # header, lengths, output lengths, tokens
-    assert server.decode_batch(message) == requests
-    assert server.decode_batch(server.encode_batch(None)) is None
+def a_plan() -> Plan:
+    """Two prefill groups (greedy, and sampling with every setting), a right shift, a sampling step."""
+    # Float settings arrive from Triton as float32, so they are float32 values here too: they travel exactly.
+    sampled = Sampling(temperature=0.75, top_k=40, top_p=0.875, seed=2**63 - 5, ignore_eos=True)
+    return Plan(column=12, shift=-52, window=256, sampling=True, groups=(
+        PrefillGroup(2, 64, (Admission(3, Request((2, 100, 7), 16)), Admission(0, Request((2,), 1)))),
+        PrefillGroup(1, 512, (Admission(1, Request(tuple(range(2, 300)), 1700, sampled)),)),
+    ))
+
+
+def test_a_plan_crosses_the_channel_as_plain_integers_and_comes_back_equal():
+    message = server.encode_plan(a_plan())
+    assert len(message) == 4 * (9 + 2 * 3 + 3 * 9 + 3 + 1 + 298)  # header, groups, rows, tokens
+    assert server.decode_plan(message) == a_plan()
+    assert server.decode_plan(server.encode_plan(None)) is None
+    greedy_step = dataclasses.replace(a_plan(), sampling=False)  # the rows' settings do not leak into the step's
+    assert server.decode_plan(server.encode_plan(greedy_step)) == greedy_step
 
 
 def test_a_malformed_channel_message_is_an_error_not_a_guess():
-    good = server.encode_batch([Request((2, 5), 3)])
+    good = server.encode_plan(a_plan())
     with pytest.raises(server.GroupError, match="malformed"):
-        server.decode_batch(b"\x07\x00\x00\x00" + good[4:])  # another wire format version
-    with pytest.raises(server.GroupError, match="does not hold 1 rows"):
-        server.decode_batch(good[:-4])
+        server.decode_plan(b"\x07\x00\x00\x00" + good[4:])  # another wire format version
+    with pytest.raises(server.GroupError, match="does not hold 2 groups, 3 rows and 302 tokens"):
+        server.decode_plan(good[:-4])
 
 
 # --- joining --------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from serving import MIXED_LENGTHS, MIXED_PROMPTS, ServerProcess, infer, run_clie
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path):
     tmp = tmp_path_factory.mktemp("server")
-    srv = start_server(tmp, cache_dir, "--max-batch-size", "8", "--model-instances", "3", "--max-cache-tokens", "8192")
+    srv = start_server(tmp, cache_dir, "--max-batch-size", "8", "--model-instances", "3", "--decode-slots", "8")
     try:
         wait_ready(srv)
         yield srv
@@ -93,7 +93,7 @@ def test_client_reports_a_bad_request_as_an_error(server: ServerProcess):
 
 
 def test_sigterm_stops_the_server_cleanly_leaving_no_process(tmp_path: Path, cache_dir: Path):
-    srv = start_server(tmp_path, cache_dir, "--max-batch-size", "2", "--model-instances", "2", "--max-cache-tokens", "4096")
+    srv = start_server(tmp_path, cache_dir, "--max-batch-size", "2", "--model-instances", "2", "--decode-slots", "4")
     try:
         wait_ready(srv)
         assert infer(srv.http_url, ["Before stopping"], [2])[0].startswith("Before stopping")
