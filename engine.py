@@ -231,7 +231,9 @@ class Scheduler:
         t = column - shift
         for slot, sequence in admitted.items():
             self._first_valid[slot] = t - len(sequence.request.tokens)
-        window = self.shapes.window(t - int(self._first_valid[live].min()) + 1)
+        # A row is read a step late, so a finished one can still count as live here, one column past
+        # the positions; the window leaves out only such rows' oldest column, which nobody reads.
+        window = self.shapes.window(min(t - int(self._first_valid[live].min()) + 1, self.shapes.max_positions))
         self._column = t + 1
         sampling = any(not self._slots[s].request.sampling.greedy for s in live)
         return Plan(column=column, shift=shift, groups=groups, window=window, sampling=sampling)

@@ -646,7 +646,7 @@ class SlotShapes:
         windows = tuple(_powers_of_two(min(128, max_positions), max_positions))
         # A left shift leaves t - (oldest live column) <= M, so C = 1.5 M leaves at least M / 2 steps
         # between shifts; a prompt bucket (<= M) always fits before t after a right shift.
-        columns = max(max_positions + max_positions // 2, prompts[-1])
+        columns = max(max_positions + max_positions // 2, prompts[-1] + 1)  # + 1: the token after the prompt
         return cls(slots, max_positions, chunk, prompts, windows, max(prefill_tokens, prompts[-1]), columns)
 
     def prompt_bucket(self, length: int) -> int:

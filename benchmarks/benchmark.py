@@ -8,12 +8,13 @@ With --number-of-nodes N > 1 the same batch also goes through a group of N serve
 that the cost of crossing processes is measured on the same model, devices and batch. On the CPU the
 devices are simulated (XLA_FLAGS=--xla_force_host_platform_device_count, set here when missing).
 
-"Generation alone" calls opt_utils.Generator in this process. "Through the server" starts
-`server.py` with the same model and settings on loopback ports (after the direct runs, so the two
-never share the CPU), sends the same batch as one Triton request and compares its latency with the
-direct generation of the same tokens. Every prompt is `prompt-length` tokens (OPT's BOS included)
-and random weights rarely emit EOS, so each row generates `output-length` tokens; the script counts
-the tokens actually generated.
+"Generation alone" runs the engine in this process: an opt_utils.SlotRunner with one decode slot
+per row (the server's shapes otherwise) stepped by an engine.Scheduler, the whole batch submitted at
+once. "Through the server" starts `server.py` with the same model and settings (`--decode-slots` the
+batch size) on loopback ports (after the direct runs, so the two never share the CPU), sends the same
+batch as one Triton request and compares its latency with the direct generation of the same tokens.
+Every prompt is `prompt-length` tokens (OPT's BOS included) and every row ignores EOS, so each
+generates exactly `output-length` tokens; the script counts the tokens actually generated.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,8 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-server", action="store_true", help="measure the generation alone")
     parser.add_argument("--time-to-ready", action="store_true",
                         help="only measure the server's time to ready, cold (empty cache) then warm")
-    parser.add_argument("--max-batch-size", type=int, default=None,
-                        help="the server's --max-batch-size for --time-to-ready (default: the server's 256)")
+    parser.add_argument("--decode-slots", type=int, default=None,
+                        help="the server's --decode-slots for --time-to-ready (default: the server's 16)")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     return parser.parse_args()
 
@@ -58,10 +60,11 @@ def prompt_text(prompt_length: int) -> str:
 
 
 def direct(args: argparse.Namespace) -> dict:
-    """Times opt_utils.Generator on the batch; returns tokens/s, time to first token and the token count."""
+    """Times the engine on the batch, one slot per row; returns tokens/s, time to first token and the token count."""
     import jax
     import jax.numpy as jnp
 
+    import engine
     import opt_utils
 
     opt_utils.enable_compilation_cache(args.cache_dir)
@@ -73,31 +76,46 @@ def direct(args: argparse.Namespace) -> dict:
     tokenizer = opt_utils.load_tokenizer(args.model_name, None, args.cache_dir, config)
     tokens = tuple(tokenizer.encode(prompt_text(args.prompt_length)))
     assert len(tokens) == args.prompt_length, (len(tokens), args.prompt_length)
-    buckets = opt_utils.Buckets.make(max_batch_size=args.batch_size, max_positions=config.max_position_embeddings)
-    generator = opt_utils.Generator(model=model, params=params, mesh=mesh, buckets=buckets)
-    requests = [opt_utils.Request(tokens, args.output_length)] * args.batch_size
-    shape = (buckets.batch_size(args.batch_size), buckets.cache_length(buckets.columns_needed(requests)))
-    compile_s = generator.warm_up([shape])
-    generator.generate(requests)
-    runs = [generator.generate(requests) for _ in range(args.repeats)]
-    generated = sum(len(row) for row in runs[0].tokens)
-    total = statistics.median(r.total_time for r in runs)
+    # The server's shapes (chunk, prefill bound) with one slot per row: every program it would compile.
+    shapes = opt_utils.SlotShapes.make(slots=args.batch_size, max_positions=config.max_position_embeddings)
+    runner = opt_utils.SlotRunner(model=model, params=params, mesh=mesh, shapes=shapes)
+    compile_s = runner.warm_up()
+    scheduler = engine.Scheduler(runner, eos_id=config.eos_token_id)
+    requests = [opt_utils.Request(tokens, args.output_length, opt_utils.Sampling(ignore_eos=True))] * args.batch_size
+    timed_batch(scheduler, requests)
+    runs = [timed_batch(scheduler, requests) for _ in range(args.repeats)]
+    generated = sum(len(row) for row in runs[0]["tokens"])
+    total = statistics.median(r["total_s"] for r in runs)
     return {
         "tokens": generated,
         "tokens_per_s": generated / total,
-        "ttft_s": statistics.median(r.time_to_first_token for r in runs),
+        "ttft_s": statistics.median(r["ttft_s"] for r in runs),
         "latency_s": total,
         "compile_s": compile_s,
         "device": str(jax.devices()[0].device_kind),
     }
 
 
+def timed_batch(scheduler: Any, requests: list) -> dict:
+    """Submits every request at once and steps the engine until all are done: the tokens, the time to the
+    batch's first token (as the host reads it) and the time to its last."""
+    begin = time.monotonic()
+    sequences = [scheduler.submit(r) for r in requests]
+    while scheduler.step():
+        pass
+    end = time.monotonic()
+    return {"tokens": [s.future.result() for s in sequences], "total_s": end - begin,
+            "ttft_s": min(s.first_token_at for s in sequences) - begin}
+
+
 def through_server(args: argparse.Namespace, generated: int, *, nodes: int, gpus: int) -> dict:
     """Starts server.py as `nodes` processes of `gpus` devices, sends the batch as one request `repeats`
     times; returns latency and tokens/s."""
+    from client import Sampling
     from serving import infer, start_group, start_server, wait_ready
 
-    extra = ("--dtype", args.dtype, "--max-batch-size", str(args.batch_size))
+    extra = ("--dtype", args.dtype, "--max-batch-size", str(args.batch_size), "--decode-slots", str(args.batch_size),
+             "--generation-metrics-port", "0")
     with tempfile.TemporaryDirectory() as tmp:
         if nodes == 1:
             ranks = [start_server(Path(tmp), Path(args.cache_dir), *extra, "--number-of-gpus", str(gpus),
@@ -111,11 +129,12 @@ def through_server(args: argparse.Namespace, generated: int, *, nodes: int, gpus
             ready_s = time.perf_counter() - begin
             prompts = [prompt_text(args.prompt_length)] * args.batch_size
             lengths = [args.output_length] * args.batch_size
-            infer(server.http_url, prompts, lengths, timeout=600)
+            exact = Sampling(ignore_eos=True)  # every row generates its output length, as in the direct runs
+            infer(server.http_url, prompts, lengths, timeout=600, sampling=exact)
             latencies = []
             for _ in range(args.repeats):
                 begin = time.perf_counter()
-                infer(server.http_url, prompts, lengths, timeout=600)
+                infer(server.http_url, prompts, lengths, timeout=600, sampling=exact)
                 latencies.append(time.perf_counter() - begin)
         finally:
             for rank in ranks:
@@ -130,9 +149,9 @@ def time_to_ready(args: argparse.Namespace) -> dict:
     """Seconds from `python server.py` to a ready model: with an empty cache dir, then again with it."""
     from serving import start_server, wait_ready
 
-    extra = ["--dtype", args.dtype, "--number-of-gpus", str(args.number_of_gpus)]
-    if args.max_batch_size:
-        extra += ["--max-batch-size", str(args.max_batch_size)]
+    extra = ["--dtype", args.dtype, "--number-of-gpus", str(args.number_of_gpus), "--generation-metrics-port", "0"]
+    if args.decode_slots:
+        extra += ["--decode-slots", str(args.decode_slots)]
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("cold", "warm"):
@@ -153,7 +172,7 @@ def main() -> int:
     simulate_cpu_devices(args.number_of_gpus * args.number_of_nodes)
     if args.time_to_ready:
         ready = time_to_ready(args)
-        print(f"{args.model_name} {args.dtype}, --max-batch-size {args.max_batch_size or 256}: ready in "
+        print(f"{args.model_name} {args.dtype}, --decode-slots {args.decode_slots or 16}: ready in "
               f"{ready['cold']:.1f} s cold (empty compilation cache), {ready['warm']:.1f} s warm")
         return 0
     alone = direct(args)

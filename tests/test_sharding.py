@@ -13,7 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+import engine
 import opt_utils
 from modeling_flax_opt import OPTForCausalLM
 
@@ -43,24 +45,40 @@ def test_a_mesh_the_heads_do_not_divide_is_an_error_naming_them():
         raise AssertionError("a 3-way mesh over 2 heads was accepted")
 
 
-def test_generation_on_two_devices_gives_the_tokens_of_one_device():
-    model = OPTForCausalLM(CONFIG, jnp.float32)
-    one = opt_utils.make_mesh(jax.devices()[:1], CONFIG)
-    two = opt_utils.make_mesh(jax.devices()[:2], CONFIG)
-    params_one = opt_utils.random_params(model, one, seed=3)
-    params_two = jax.device_put(params_one, opt_utils.param_shardings(params_one, two))
-    buckets = opt_utils.Buckets.make(max_batch_size=4, max_positions=CONFIG.max_position_embeddings, chunk=16)
+# Cheap shapes (one prompt bucket of 32, one prefill row, one window): compiling dominates these tests.
+SHAPES = opt_utils.SlotShapes.make(slots=2, max_positions=32, chunk=32, prefill_tokens=32)
+
+
+def requests(vocab_size: int) -> list[opt_utils.Request]:
+    """Three greedy requests and a sampled one (vocabulary-wide: top-k off) for two slots."""
     rng = np.random.default_rng(0)
-    requests = [opt_utils.Request(tuple(int(t) for t in rng.integers(4, CONFIG.vocab_size, n)), m)
-                for n, m in ((5, 9), (20, 4), (1, 12))]
-    results = []
-    for mesh, params in ((one, params_one), (two, params_two)):
-        generator = opt_utils.Generator(model=model, params=params, mesh=mesh, buckets=buckets)
-        generator.warm_up([(4, 128)])
-        results.append(generator.generate(requests).tokens)
-    assert all(len(row) <= r.max_new_tokens for row, r in zip(results[0], requests))
-    assert sum(len(row) for row in results[0]) > 0
-    assert results[0] == results[1]
+    prompt = lambda n: tuple(int(t) for t in rng.integers(4, vocab_size, n))
+    return [opt_utils.Request(prompt(5), 9), opt_utils.Request(prompt(20), 4), opt_utils.Request(prompt(1), 12),
+            opt_utils.Request(prompt(7), 10, opt_utils.Sampling(temperature=1.0, top_p=0.95, seed=11))]
+
+
+def generate(model: OPTForCausalLM, params: Any, mesh: Any) -> list[list[int]]:
+    runner = opt_utils.SlotRunner(model=model, params=params, mesh=mesh, shapes=SHAPES)
+    runner.warm_up()
+    return engine.Scheduler(runner, eos_id=model.config.eos_token_id).generate(requests(model.config.vocab_size))
+
+
+@pytest.fixture(scope="module")
+def one_device() -> dict[str, Any]:
+    """Random/tiny (seed 3) on one device: its model, weights, their digest and the tokens of `requests`."""
+    model = OPTForCausalLM(CONFIG, jnp.float32)
+    mesh = opt_utils.make_mesh(jax.devices()[:1], CONFIG)
+    params = opt_utils.random_params(model, mesh, seed=3)
+    tokens = generate(model, params, mesh)
+    assert [len(row) for row in tokens] == [r.max_new_tokens for r in requests(CONFIG.vocab_size)]  # no EOS
+    return dict(model=model, params=params, digest=real_values_digest(params, CONFIG.vocab_size), tokens=tokens)
+
+
+def test_generation_on_two_devices_gives_the_tokens_of_one_device(one_device: dict[str, Any]):
+    two = opt_utils.make_mesh(jax.devices()[:2], CONFIG)
+    params = one_device["params"]
+    params_two = jax.device_put(params, opt_utils.param_shardings(params, two))
+    assert generate(one_device["model"], params_two, two) == one_device["tokens"]
 
 
 def real_values_digest(params: Any, vocab_size: int) -> str:
@@ -75,43 +93,32 @@ def real_values_digest(params: Any, vocab_size: int) -> str:
     return digest.hexdigest()
 
 
-def generate_on_one_and_six_devices() -> dict[str, Any]:
-    """Random/tiny on one device and on six (vocabulary padded 50272 -> 50274): what each holds and says.
+def generate_on_six_devices() -> dict[str, Any]:
+    """Random/tiny (seed 3) on six devices (vocabulary padded 50272 -> 50274): what each holds and says.
 
     Runs in a subprocess that has six simulated devices (this process has two).
     """
-    config = dataclasses.replace(CONFIG, max_position_embeddings=64)
-    buckets = opt_utils.Buckets.make(max_batch_size=4, max_positions=config.max_position_embeddings, chunk=16)
-    rng = np.random.default_rng(0)
-    requests = [opt_utils.Request(tuple(int(t) for t in rng.integers(4, config.vocab_size, n)), m)
-                for n, m in ((5, 9), (20, 4), (1, 12))]
-    report: dict[str, Any] = {}
-    for name, devices in (("one", jax.devices()[:1]), ("six", jax.devices()[:6])):
-        mesh = opt_utils.make_mesh(devices, config)
-        model = opt_utils.build_model(config, dtype=jnp.float32, mesh=mesh)
-        params = opt_utils.random_params(model, mesh, seed=3)
-        generator = opt_utils.Generator(model=model, params=params, mesh=mesh, buckets=buckets)
-        generator.warm_up([(4, 80)])
-        split, replicated = opt_utils.split_and_replicated_bytes(params)
-        report[name] = dict(padded_vocab_size=model.padded_vocab_size, split=split, replicated=replicated,
-                            held=sorted(opt_utils.per_device_bytes(params).values()),
-                            digest=real_values_digest(params, config.vocab_size),
-                            tokens=generator.generate(requests).tokens)
-    return report
+    mesh = opt_utils.make_mesh(jax.devices()[:6], CONFIG)
+    model = opt_utils.build_model(CONFIG, dtype=jnp.float32, mesh=mesh)
+    params = opt_utils.random_params(model, mesh, seed=3)
+    split, replicated = opt_utils.split_and_replicated_bytes(params)
+    return dict(padded_vocab_size=model.padded_vocab_size, split=split, replicated=replicated,
+                held=sorted(opt_utils.per_device_bytes(params).values()),
+                digest=real_values_digest(params, CONFIG.vocab_size), tokens=generate(model, params, mesh))
 
 
-def test_six_devices_each_hold_a_sixth_of_the_padded_split_parameters_and_generate_the_tokens_of_one():
+def test_six_devices_each_hold_a_sixth_of_the_padded_split_parameters_and_generate_the_tokens_of_one(
+    one_device: dict[str, Any],
+):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=6",
                PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]))
-    code = "import json, test_sharding; print(json.dumps(test_sharding.generate_on_one_and_six_devices()))"
+    code = "import json, test_sharding; print(json.dumps(test_sharding.generate_on_six_devices()))"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    one, six = report["one"], report["six"]
-    assert (one["padded_vocab_size"], six["padded_vocab_size"]) == (50272, 50274)  # 50272 % 6 == 4
+    six = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (one_device["model"].padded_vocab_size, six["padded_vocab_size"]) == (50272, 50274)  # 50272 % 6 == 4
     assert len(six["held"]) == 6
     assert six["split"] > six["replicated"]
     assert six["held"] == [six["replicated"] + six["split"] // 6] * 6
-    assert six["digest"] == one["digest"]  # random_params draws the same values whatever the mesh
-    assert sum(len(row) for row in one["tokens"]) > 0
-    assert six["tokens"] == one["tokens"]
+    assert six["digest"] == one_device["digest"]  # random_params draws the same values whatever the mesh
+    assert six["tokens"] == one_device["tokens"]  # the sampled request's too: its noise ignores the padded ids

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import engine
 import opt_utils
 from modeling_flax_opt import KVCache, OPTForCausalLM
 
@@ -67,7 +68,7 @@ def test_padded_model_gives_the_unpadded_logits_on_real_ids_and_float32_min_on_p
     np.testing.assert_array_equal(logits[:, V:], np.finfo(np.float32).min)
 
 
-def test_greedy_generation_never_picks_a_padded_id_and_equals_the_unpadded_model(params: Any) -> None:
+def test_greedy_and_sampled_generation_never_pick_a_padded_id_and_equal_the_unpadded_model(params: Any) -> None:
     # Opposite large head columns for the two padded ids: one of their raw logits is positive and, unless
     # the hidden state is nearly orthogonal to them, far above every real one. The guard shows that
     # without the mask the first token of some prompt would be a padded id.
@@ -78,15 +79,20 @@ def test_greedy_generation_never_picks_a_padded_id_and_equals_the_unpadded_model
     assert np.any(np.argmax(last_logits(unmasked)(padded_params, prompts), axis=-1) >= V)
 
     mesh = opt_utils.make_mesh(jax.devices()[:1], CONFIG)
-    buckets = opt_utils.Buckets.make(max_batch_size=4, max_positions=CONFIG.max_position_embeddings, chunk=16)
+    # Cheap shapes (one prompt bucket, one prefill row, one window): compiling dominates this test.
+    shapes = opt_utils.SlotShapes.make(slots=2, max_positions=32, chunk=32, prefill_tokens=32)
+    assert (shapes.prefill_shapes(), shapes.windows) == ([(1, 32)], (32,))
+    # Three greedy requests, then one sampled over the whole vocabulary at a high temperature.
     requests = [opt_utils.Request(tuple(int(t) for t in prompt), m) for prompt, m in zip(prompts, (9, 4, 12))]
+    sampled = opt_utils.Sampling(temperature=5.0, seed=4)
+    requests.append(opt_utils.Request(tuple(int(t) for t in prompts[0]), 12, sampled))
     results = []
     for model, p in ((UNPADDED, params), (PADDED, padded_params)):
         placed = jax.device_put(p, opt_utils.param_shardings(p, mesh))
-        generator = opt_utils.Generator(model=model, params=placed, mesh=mesh, buckets=buckets)
-        generator.warm_up([(4, 80)])
-        results.append(generator.generate(requests).tokens)
-    assert sum(len(row) for row in results[0]) > 0
+        runner = opt_utils.SlotRunner(model=model, params=placed, mesh=mesh, shapes=shapes)
+        runner.warm_up()
+        results.append(engine.Scheduler(runner, eos_id=CONFIG.eos_token_id).generate(requests))
+    assert [len(row) for row in results[0]] == [r.max_new_tokens for r in requests]  # no EOS: every step counts
     assert all(t < V for row in results[1] for t in row)
     assert results[1] == results[0]
 
