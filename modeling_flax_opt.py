@@ -10,7 +10,11 @@ through every layer against a key/value cache, writes their keys and values into
     cache:       KVCache       k, v: L arrays of [B, H, C, Dh]
     column:      [] int32      the cache column of tokens[:, 0]
     first_valid: [B] int32     each row's first real column: columns before it hold padding, never read
-    window:      static int or None: attend over only the `window` columns ending at the last new token's
+    window:      static int or None. With a window, only the `window` cache columns ending at the last new
+                 token's are read, the cache is not written, and the returned "cache" holds just the T new
+                 columns ([B, H, T, Dh] per layer) for the caller to write with `write_cache`: XLA:CPU copied
+                 the whole cache every step when one program both sliced and updated it (22 ms instead of
+                 3 for random/tiny with 16 slots of 3072 columns)
     logits:      [B, V_padded] float32
 
 A row's position (for OPT's learned position embeddings) is its column minus `first_valid`. Writing
@@ -149,30 +153,31 @@ def _layer_norm(config: OPTConfig, dtype: Any, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=dtype, use_bias=affine, use_scale=affine, name=name)
 
 
-def attend(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, column: jax.Array, first_valid: jax.Array,
-           window: int | None = None) -> jax.Array:
+def attend(q: jax.Array, keys: jax.Array, values: jax.Array, column: jax.Array, first_valid: jax.Array,
+           start: jax.Array | int = 0) -> jax.Array:
     """Softmax attention of T new queries over the row's cache columns, the new ones up to themselves.
 
-    q: [B, H, T, Dh] (already scaled), for columns column..column+T-1; cache_k, cache_v: [B, H, C, Dh]
-    with the new keys and values already written; first_valid: [B]. Returns [B, H, T, Dh].
-    With `window` W < C only the W columns ending at the last query's are read (the decode loop of
-    the slot engine keeps every live row inside them), so a step costs W columns, not C.
+    q: [B, H, T, Dh] (already scaled), for columns column..column+T-1; keys, values: [B, H, W, Dh], cache
+    columns start..start+W-1 with the new keys and values in place; first_valid: [B]. Returns [B, H, T, Dh].
     Padding queries get finite garbage (they attend to at least their own column).
     """
-    T, C = q.shape[2], cache_k.shape[2]
-    start = jnp.int32(0)
-    if window is not None and window < C:
-        start = jnp.clip(column + T - window, 0, C - window).astype(jnp.int32)
-        cache_k = jax.lax.dynamic_slice_in_dim(cache_k, start, window, axis=2)
-        cache_v = jax.lax.dynamic_slice_in_dim(cache_v, start, window, axis=2)
-        C = window
-    scores = jnp.einsum("bhtd,bhcd->bhtc", q, cache_k, preferred_element_type=jnp.float32)
-    cols = (start + jnp.arange(C))[None, None, :]  # [1, 1, C]
+    T, W = q.shape[2], keys.shape[2]
+    scores = jnp.einsum("bhtd,bhcd->bhtc", q, keys, preferred_element_type=jnp.float32)
+    cols = (start + jnp.arange(W))[None, None, :]  # [1, 1, W]
     query_cols = (column + jnp.arange(T))[None, :, None]  # [1, T, 1]
-    valid = (cols >= first_valid[:, None, None]) & (cols <= query_cols)  # [B, T, C]
+    valid = (cols >= first_valid[:, None, None]) & (cols <= query_cols)  # [B, T, W]
     scores = jnp.where(valid[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("bhtc,bhcd->bhtd", probs, cache_v).astype(q.dtype)
+    return jnp.einsum("bhtc,bhcd->bhtd", probs, values).astype(q.dtype)
+
+
+def windowed(cache: jax.Array, new: jax.Array, column: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
+    """The `window` cache columns ending at the last new one, with the new [B, H, T, Dh] entries put in:
+    ([B, H, W, Dh], the window's first column). The cache itself is only read."""
+    T, C = new.shape[2], cache.shape[2]
+    start = jnp.clip(column + T - window, 0, C - window).astype(jnp.int32)
+    part = jax.lax.dynamic_slice_in_dim(cache, start, window, axis=2)
+    return jax.lax.dynamic_update_slice(part, new.astype(part.dtype), (0, 0, column - start, 0)), start
 
 
 class OPTAttention(nn.Module):
@@ -194,9 +199,14 @@ class OPTAttention(nn.Module):
         q = heads(_dense(D, bias, self.dtype, "q_proj")(x) * (cfg.head_dim**-0.5))
         k = heads(_dense(D, bias, self.dtype, "k_proj")(x))
         v = heads(_dense(D, bias, self.dtype, "v_proj")(x))
-        cache_k = write_cache(cache_k, k, column)
-        cache_v = write_cache(cache_v, v, column)
-        out = attend(q, cache_k, cache_v, column, first_valid, window).transpose(0, 2, 1, 3).reshape(B, T, D)
+        if window is not None:  # read W columns, not C; the caller writes the new ones (see the module doc)
+            keys, start = windowed(cache_k, k, column, window)
+            values, _ = windowed(cache_v, v, column, window)
+            cache_k, cache_v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
+        else:
+            cache_k, cache_v = write_cache(cache_k, k, column), write_cache(cache_v, v, column)
+            keys, values, start = cache_k, cache_v, 0
+        out = attend(q, keys, values, column, first_valid, start).transpose(0, 2, 1, 3).reshape(B, T, D)
         return _dense(D, bias, self.dtype, "out_proj")(out), cache_k, cache_v
 
 

@@ -806,16 +806,26 @@ def admit(cache: KVCache, state: SlotState, prompts: KVCache, logits: jax.Array,
 
 
 def decode_step(model: ModelFn, params: Any, cache: KVCache, state: SlotState, eos_id: int,
-                window: int | None, sampling: bool) -> tuple[KVCache, SlotState]:
-    """One new token for every unfinished slot; finished slots repeat their last token, which nobody reads."""
-    logits, cache = model(params, state.tokens[:, None], cache, state.column, state.first_valid, window)
+                window: int, sampling: bool) -> tuple[KVCache, SlotState]:
+    """One new token for every unfinished slot; finished slots repeat their last token, which nobody reads.
+
+    The cache is only read: the result's first part is the step's new keys and values ([S, H, 1, Dh] per
+    layer), which `write_step` puts at column state.column in a program of its own.
+    """
+    logits, new = model(params, state.tokens[:, None], cache, state.column, state.first_valid, window)
     picked = sample(logits, state.temperature, state.top_k, state.top_p, state.seed, state.generated, sampling)
-    new = jnp.where(state.done, state.tokens, picked)
+    tokens = jnp.where(state.done, state.tokens, picked)
     live = (~state.done).astype(jnp.int32)
     remaining = state.remaining - live
-    done = state.done | ((new == eos_id) & ~state.ignore_eos) | (remaining <= 0)
-    return cache, state.replace(tokens=new, generated=state.generated + live, remaining=remaining, done=done,
-                                column=state.column + 1)
+    done = state.done | ((tokens == eos_id) & ~state.ignore_eos) | (remaining <= 0)
+    return new, state.replace(tokens=tokens, generated=state.generated + live, remaining=remaining, done=done,
+                              column=state.column + 1)
+
+
+def write_step(cache: KVCache, new: KVCache, column: jax.Array) -> KVCache:
+    """Writes a decode step's new keys and values at `column` (in place: the cache is donated)."""
+    put = lambda layer, entries: jax.lax.dynamic_update_slice(layer, entries, (0, 0, column, 0))
+    return KVCache(k=tuple(map(put, cache.k, new.k)), v=tuple(map(put, cache.v, new.v)))
 
 
 def shift_columns(cache: KVCache, state: SlotState, by: jax.Array) -> tuple[KVCache, SlotState]:
@@ -914,13 +924,16 @@ class SlotRunner:
         ).lower().compile()
         self._programs["shift",] = jax.jit(shift_columns, donate_argnums=(0, 1), out_shardings=outs).lower(
             cache, state, self._spec(jax.ShapeDtypeStruct((), jnp.int32))).compile(self._compiler_options())
+        new = self._cache_spec(S, 1)
+        self._programs["write",] = jax.jit(write_step, donate_argnums=0, out_shardings=outs[0]).lower(
+            cache, new, self._spec(jax.ShapeDtypeStruct((), jnp.int32))).compile(self._compiler_options())
         for w, sampling in itertools.product(self.shapes.windows, (False, True)):
             # The new tokens also come out on their own: the state is donated to the next step before
             # rank 0 reads them.
-            step = lambda p, c, s, w=w, sampling=sampling: (lambda c, s: (c, s, s.tokens))(
+            step = lambda p, c, s, w=w, sampling=sampling: (lambda n, s: (n, s, s.tokens))(
                 *decode_step(self._apply, p, c, s, eos, w, sampling))
-            self._programs["decode", w, sampling] = jax.jit(step, donate_argnums=(1, 2), out_shardings=(
-                *outs, self._replicated)).lower(
+            self._programs["decode", w, sampling] = jax.jit(step, donate_argnums=2, out_shardings=(
+                self._shardings(new), outs[1], self._replicated)).lower(
                 params, cache, state).compile(self._compiler_options())
 
     def _compile_prefill(self, rows: int, bucket: int) -> None:
@@ -1004,8 +1017,9 @@ class SlotRunner:
             self.cache, self.state = self._program("shift")(self.cache, self.state, self._put(np.int32(plan.shift)))
             self.column -= plan.shift
         firsts = [self._prefill_and_admit(group) for group in plan.groups]
-        self.cache, self.state, tokens = self._program("decode", plan.window, plan.sampling)(
+        new, self.state, tokens = self._program("decode", plan.window, plan.sampling)(
             self.params, self.cache, self.state)
+        self.cache = self._program("write")(self.cache, new, self._put(np.int32(self.column)))
         self.column += 1
         return StepOutput(firsts, tokens)
 

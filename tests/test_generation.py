@@ -401,7 +401,8 @@ def test_top_k_and_top_p_sampling_follow_the_softmax_renormalised_over_the_kept_
 @dataclasses.dataclass(frozen=True)
 class AffineLM:
     """What SlotRunner needs of a model. The next token is (scale * last + offset) % V, scale and offset
-    being its parameters (so one compiled runner serves several rules); the cache passes through untouched."""
+    being its parameters (so one compiled runner serves several rules); the cache passes through untouched
+    (a decode step's first column of it stands for its new keys and values)."""
 
     config: OPTConfig
     dtype: Any = jnp.float32
@@ -413,6 +414,8 @@ class AffineLM:
     def apply(self, variables: Any, tokens: jax.Array, cache: KVCache, column: jax.Array, first_valid: jax.Array,
               window: int | None = None):
         p = variables["params"]
+        if window is not None:  # a decode step returns just its new columns, as the real model does
+            cache = jax.tree_util.tree_map(lambda a: a[:, :, : tokens.shape[1]], cache)
         return jax.nn.one_hot((p["scale"] * tokens[:, -1] + p["offset"]) % V, V, dtype=jnp.float32), cache
 
 
