@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import itertools
 import json
 import logging
 import os
@@ -913,34 +912,39 @@ class SlotRunner:
         cfg, dtype = self.config, self.model.dtype
         return self._spec(jax.eval_shape(lambda: KVCache.zeros(cfg, rows, columns, dtype)), self._cache_sharding)
 
+    def _slot_specs(self) -> tuple[KVCache, SlotState, Any]:
+        """Abstract cache and state of the slots, and their shardings."""
+        S, C = self.shapes.slots, self.shapes.columns
+        cache, state = self._cache_spec(S, C), self._spec(jax.eval_shape(lambda: SlotState.empty(S, 0)))
+        return cache, state, (self._shardings(cache), self._shardings(state))
+
     def _compile_slots(self) -> None:
         cfg, dtype, S, C = self.config, self.model.dtype, self.shapes.slots, self.shapes.columns
-        cache, state = self._cache_spec(S, C), self._spec(jax.eval_shape(lambda: SlotState.empty(S, 0)))
-        outs = (self._shardings(cache), self._shardings(state))
-        params = self._spec_of_params()
-        eos = cfg.eos_token_id
+        cache, state, outs = self._slot_specs()
         self._programs["alloc",] = jax.jit(
             lambda: (KVCache.zeros(cfg, S, C, dtype), SlotState.empty(S, 0)), out_shardings=outs
         ).lower().compile()
         self._programs["shift",] = jax.jit(shift_columns, donate_argnums=(0, 1), out_shardings=outs).lower(
             cache, state, self._spec(jax.ShapeDtypeStruct((), jnp.int32))).compile(self._compiler_options())
-        new = self._cache_spec(S, 1)
         self._programs["write",] = jax.jit(write_step, donate_argnums=0, out_shardings=outs[0]).lower(
-            cache, new, self._spec(jax.ShapeDtypeStruct((), jnp.int32))).compile(self._compiler_options())
-        for w, sampling in itertools.product(self.shapes.windows, (False, True)):
-            # The new tokens also come out on their own: the state is donated to the next step before
-            # rank 0 reads them.
-            step = lambda p, c, s, w=w, sampling=sampling: (lambda n, s: (n, s, s.tokens))(
-                *decode_step(self._apply, p, c, s, eos, w, sampling))
-            self._programs["decode", w, sampling] = jax.jit(step, donate_argnums=2, out_shardings=(
-                self._shardings(new), outs[1], self._replicated)).lower(
-                params, cache, state).compile(self._compiler_options())
+            cache, self._cache_spec(S, 1), self._spec(jax.ShapeDtypeStruct((), jnp.int32))
+        ).compile(self._compiler_options())
+
+    def _compile_decode(self, window: int, sampling: bool) -> None:
+        cache, state, outs = self._slot_specs()
+        eos = self.config.eos_token_id
+        # The new tokens also come out on their own: the state is donated to the next step before rank 0
+        # reads them.
+        step = lambda p, c, s: (lambda n, s: (n, s, s.tokens))(*decode_step(self._apply, p, c, s, eos, window, sampling))
+        new = self._shardings(self._cache_spec(self.shapes.slots, 1))
+        self._programs["decode", window, sampling] = jax.jit(
+            step, donate_argnums=2, out_shardings=(new, outs[1], self._replicated)
+        ).lower(self._spec_of_params(), cache, state).compile(self._compiler_options())
 
     def _compile_prefill(self, rows: int, bucket: int) -> None:
         cfg, dtype, chunk = self.config, self.model.dtype, self.shapes.chunk
-        S, C = self.shapes.slots, self.shapes.columns
         prompts = self._cache_spec(rows, bucket)
-        cache, state = self._cache_spec(S, C), self._spec(jax.eval_shape(lambda: SlotState.empty(S, 0)))
+        cache, state, outs = self._slot_specs()
         vec = lambda dtype, *tail: jax.ShapeDtypeStruct((rows, *tail), dtype, sharding=self._replicated)
         scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=self._replicated)
         logits = jax.ShapeDtypeStruct((rows, self.model.padded_vocab_size), jnp.float32, sharding=self._replicated)
@@ -961,7 +965,7 @@ class SlotRunner:
             place = lambda c, s, pr, lg, rw, sampling=sampling: admit(c, s, pr, lg, rw, cfg.eos_token_id, sampling)
             self._programs["admit", rows, bucket, sampling] = jax.jit(
                 place, donate_argnums=(0, 1),
-                out_shardings=(self._shardings(cache), self._shardings(state), self._replicated),
+                out_shardings=(*outs, self._replicated),
             ).lower(cache, state, prompts, logits, admissions).compile(options)
 
     def _shardings(self, spec_tree: Any) -> Any:
@@ -984,15 +988,20 @@ class SlotRunner:
         Shapes compile in parallel threads: XLA compiles without holding the GIL. Returns seconds.
         """
         begin = time.perf_counter()
-        jobs = [self._compile_slots] + [functools.partial(self._compile_prefill, b, p)
-                                        for b, p in self.shapes.prefill_shapes()]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        jobs = [self._compile_slots]
+        jobs += [functools.partial(self._compile_decode, w, s) for w in self.shapes.windows for s in (False, True)]
+        jobs += [functools.partial(self._compile_prefill, b, p) for b, p in self.shapes.prefill_shapes()]
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+        try:
             for future in [pool.submit(job) for job in jobs]:
                 future.result()
+        finally:  # a signal (StopRequested) or an error: drop the compiles not started yet
+            pool.shutdown(wait=True, cancel_futures=True)
         self.reset()
         took = time.perf_counter() - begin
         LOGGER.info("warm-up: %d slots x %d columns, %d prefill shapes and %d windows compiled in %.1f s",
-                    self.shapes.slots, self.shapes.columns, len(jobs) - 1, len(self.shapes.windows), took)
+                    self.shapes.slots, self.shapes.columns, len(self.shapes.prefill_shapes()),
+                    len(self.shapes.windows), took)
         return took
 
     def _program(self, *key: Any) -> Any:

@@ -402,7 +402,10 @@ class PrometheusMetrics:
     def serve(self, port: int, address: str) -> None:
         import prometheus_client as prom
 
-        prom.start_http_server(port, addr=address, registry=self.registry)
+        try:
+            prom.start_http_server(port, addr=address, registry=self.registry)
+        except OSError as error:
+            raise SystemExit(f"--generation-metrics-port {port} on {address}: {error.strerror}") from None
 
     def first_token(self, seconds: float) -> None:
         self._ttft.observe(seconds)

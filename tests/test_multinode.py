@@ -3,8 +3,8 @@ one jax.distributed group; rank 0 serves Triton. Faults are real: kill -9 and SI
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import contextlib
+import dataclasses
 import json
 import re
 import signal
@@ -16,6 +16,7 @@ import psutil
 import pytest
 import tritonclient.http as httpclient
 
+import client
 import server
 from opt_utils import Admission, Plan, PrefillGroup, Request, Sampling
 from serving import (MIXED_LENGTHS, MIXED_PROMPTS, ServerProcess, infer, run_client, start_group, start_server,
@@ -33,7 +34,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> list
     srv = start_server(tmp_path_factory.mktemp("single"), cache_dir, *SERVER_ARGS, "--number-of-gpus", "2")
     try:
         wait_ready(srv)
-        return infer(srv.http_url, MIXED_PROMPTS, MIXED_LENGTHS)
+        return [*infer(srv.http_url, MIXED_PROMPTS, MIXED_LENGTHS),
+                infer(srv.http_url, [SAMPLED_PROMPT], [12], sampling=SAMPLED)[0]]
     finally:
         srv.stop()
         srv.kill_group()
@@ -76,9 +78,17 @@ def assert_nothing_left(ranks: list[ServerProcess], timeout: float = 10) -> None
     assert running(ranks) == [], "left behind"
 
 
+SAMPLED_PROMPT, SAMPLED = "Tell me a story", client.Sampling(temperature=0.9, top_k=40, seed=5)
+
+
 def assert_group_serves(head: ServerProcess, reference: list[str]) -> None:
-    assert infer(head.http_url, MIXED_PROMPTS, MIXED_LENGTHS) == reference
-    assert infer(head.grpc_url, MIXED_PROMPTS, MIXED_LENGTHS) == reference
+    """The mixed batch (HTTP, gRPC, client.py), a seeded sampled row and a stream: the single process's text."""
+    mixed, sampled = reference[:-1], reference[-1]
+    assert infer(head.http_url, MIXED_PROMPTS, MIXED_LENGTHS) == mixed
+    assert infer(head.grpc_url, MIXED_PROMPTS, MIXED_LENGTHS) == mixed
+    assert infer(head.http_url, [SAMPLED_PROMPT], [12], sampling=SAMPLED)[0] == sampled
+    streamed = "".join(client.stream_pieces(head.grpc_url, MIXED_PROMPTS[3], MIXED_LENGTHS[3], 120))
+    assert MIXED_PROMPTS[3] + streamed == mixed[3]
     result = run_client("--server-url", head.http_url, "--input", MIXED_PROMPTS[0], "--output-length",
                         str(MIXED_LENGTHS[0]))
     assert result.returncode == 0, result.stderr
