@@ -239,20 +239,28 @@ class Scheduler:
         return Plan(column=column, shift=shift, groups=groups, window=window, sampling=sampling)
 
     def _admit(self) -> dict[int, InFlight]:
-        """Moves waiting requests into free slots, FIFO; returns slot -> sequence for those admitted."""
+        """Moves waiting requests into free slots; returns slot -> sequence for those admitted.
+
+        In arrival order, within a budget of padded prompt tokens per step (which bounds how long
+        prefills pause the running rows); a prompt over what is left of the budget waits while shorter
+        ones behind it go in. The oldest request always goes in first, so none waits for ever.
+        """
         free = [s for s, seq in enumerate(self._slots) if seq is None]
         if self._one_batch and len(free) < len(self._slots):
             return {}  # the original's way: the running batch ends before another starts
         admitted: dict[int, InFlight] = {}
-        budget = self.shapes.prefill_tokens  # padded prompt tokens per step: bounds the pause of the others
+        budget = self.shapes.prefill_tokens
         with self._wake:
-            while free and self._waiting:
-                cost = self.shapes.prompt_bucket(len(self._waiting[0].request.tokens))
-                if admitted and cost > budget and not self._one_batch:
+            for sequence in list(self._waiting):
+                if not free:
                     break
+                cost = self.shapes.prompt_bucket(len(sequence.request.tokens))
+                if admitted and cost > budget and not self._one_batch:
+                    continue
                 budget -= cost
                 slot = free.pop(0)
-                admitted[slot] = self._slots[slot] = self._waiting.popleft()
+                admitted[slot] = self._slots[slot] = sequence
+                self._waiting.remove(sequence)
         return admitted
 
     def _groups(self, admitted: dict[int, InFlight]) -> tuple[PrefillGroup, ...]:

@@ -371,8 +371,14 @@ def make_stream_fn(scheduler: Any, parser: RequestParser):
         sequence = scheduler.submit(rows[0].request, lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t))
         sequence.future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
         text = TextStream(parser.tokenizer)
-        while (token := await tokens.get()) is not None:
-            if piece := text.push(token):
+        ended = False
+        while not ended:
+            # Whatever tokens came meanwhile make one piece: a loop that falls behind sends fewer responses.
+            batch = [await tokens.get()]
+            while not tokens.empty():
+                batch.append(tokens.get_nowait())
+            ended = batch[-1] is None
+            if piece := "".join(text.push(t) for t in batch if t is not None):
                 yield [bytes_output([piece])]
         sequence.future.result()  # raises the engine's error, if any
         yield [bytes_output([text.finish()])]
