@@ -1,6 +1,7 @@
 """Starting and stopping real `python server.py` processes for end-to-end tests (loopback only)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import psutil
 
@@ -102,6 +103,18 @@ def start_server(tmp: Path, cache_dir: Path, *extra: str, model: str = "random/t
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
     return ServerProcess(process, http, grpc, metrics, log_path, generation_metrics)
+
+
+@contextlib.contextmanager
+def running_server(tmp: Path, cache_dir: Path, *extra: str) -> Iterator[ServerProcess]:
+    """A ready server (random/tiny) for the block; stopped, and whatever is left of it killed, afterwards."""
+    srv = start_server(tmp, cache_dir, *extra)
+    try:
+        wait_ready(srv)
+        yield srv
+    finally:
+        srv.stop()
+        srv.kill_group()
 
 
 def start_group(tmp: Path, cache_dir: Path, nodes: int, *extra: str, order: Sequence[int] | None = None,

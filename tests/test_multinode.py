@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 import client
 import server
 from opt_utils import Admission, Plan, PrefillGroup, Request, Sampling
-from serving import (MIXED_LENGTHS, MIXED_PROMPTS, ServerProcess, infer, run_client, start_group, start_server,
+from serving import (MIXED_LENGTHS, MIXED_PROMPTS, ServerProcess, infer, run_client, running_server, start_group,
                      wait_exit, wait_ready)
 
 # float32 so that 1, 2, 4 and 6 devices sum the split matmuls to the same greedy tokens.
@@ -31,14 +31,9 @@ FAULT_DEADLINE_S = 30  # the issue's bound: a lost node turns into errors and ex
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> list[str]:
     """The single-process server's text for the mixed batch: what every group must answer."""
-    srv = start_server(tmp_path_factory.mktemp("single"), cache_dir, *SERVER_ARGS, "--number-of-gpus", "2")
-    try:
-        wait_ready(srv)
+    with running_server(tmp_path_factory.mktemp("single"), cache_dir, *SERVER_ARGS, "--number-of-gpus", "2") as srv:
         return [*infer(srv.http_url, MIXED_PROMPTS, MIXED_LENGTHS),
                 infer(srv.http_url, [SAMPLED_PROMPT], [12], sampling=SAMPLED)[0]]
-    finally:
-        srv.stop()
-        srv.kill_group()
 
 
 def stop_all(ranks: list[ServerProcess]) -> None:

@@ -9,19 +9,15 @@ from pathlib import Path
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from serving import MIXED_LENGTHS, MIXED_PROMPTS, ServerProcess, infer, run_client, start_server, wait_ready
+from serving import (MIXED_LENGTHS, MIXED_PROMPTS, ServerProcess, infer, run_client, running_server, start_server,
+                     wait_ready)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path):
-    tmp = tmp_path_factory.mktemp("server")
-    srv = start_server(tmp, cache_dir, "--max-batch-size", "8", "--model-instances", "3", "--decode-slots", "8")
-    try:
-        wait_ready(srv)
+    with running_server(tmp_path_factory.mktemp("server"), cache_dir, "--max-batch-size", "8",
+                        "--model-instances", "3", "--decode-slots", "8") as srv:
         yield srv
-    finally:
-        srv.stop()
-        srv.kill_group()
 
 
 def test_client_prints_the_prompt_followed_by_generated_text(server: ServerProcess):

@@ -14,19 +14,14 @@ from tritonclient.utils import InferenceServerException
 import client
 import opt_utils
 import server as server_module
-from serving import MIXED_LENGTHS, MIXED_PROMPTS, ServerProcess, infer, run_client, start_server, wait_ready
+from serving import MIXED_LENGTHS, MIXED_PROMPTS, ServerProcess, infer, run_client, running_server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path):
-    srv = start_server(tmp_path_factory.mktemp("streaming"), cache_dir, "--max-batch-size", "8",
-                       "--model-instances", "2", "--decode-slots", "4")
-    try:
-        wait_ready(srv)
+    with running_server(tmp_path_factory.mktemp("streaming"), cache_dir, "--max-batch-size", "8",
+                        "--model-instances", "2", "--decode-slots", "4") as srv:
         yield srv
-    finally:
-        srv.stop()
-        srv.kill_group()
 
 
 def pieces(url: str, prompt: str, length: int, sampling: client.Sampling = client.Sampling()) -> list[str]:
