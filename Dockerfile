@@ -51,7 +51,7 @@ RUN PYTRITON_WHEEL="$(find dist -name '*.whl')" ./install.sh --cuda --system
 # this is a stage of this file, not an image.)
 # hadolint ignore=DL3006
 FROM pytriton-from-${BUILD_FROM}
-COPY server.py client.py opt_utils.py modeling_flax_opt.py /opt/app/
+COPY server.py client.py engine.py opt_utils.py modeling_flax_opt.py /opt/app/
 COPY benchmarks/ /opt/app/benchmarks/
 COPY kubernetes/ /opt/app/kubernetes/
 # Triton's HTTP, gRPC and metrics ports; rank 0 also serves the JAX coordinator at the port of --head-url.
