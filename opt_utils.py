@@ -809,7 +809,7 @@ def decode_step(model: ModelFn, params: Any, cache: KVCache, state: SlotState, e
     """One new token for every unfinished slot; finished slots repeat their last token, which nobody reads.
 
     The cache is only read: the result's first part is the step's new keys and values ([S, H, 1, Dh] per
-    layer), which `write_step` puts at column state.column in a program of its own.
+    layer), which `write_step` puts at the step's column in a program of its own.
     """
     logits, new = model(params, state.tokens[:, None], cache, state.column, state.first_valid, window)
     picked = sample(logits, state.temperature, state.top_k, state.top_p, state.seed, state.generated, sampling)
@@ -821,8 +821,13 @@ def decode_step(model: ModelFn, params: Any, cache: KVCache, state: SlotState, e
                               column=state.column + 1)
 
 
-def write_step(cache: KVCache, new: KVCache, column: jax.Array) -> KVCache:
-    """Writes a decode step's new keys and values at `column` (in place: the cache is donated)."""
+def write_step(cache: KVCache, new: KVCache, after: jax.Array) -> KVCache:
+    """Writes a decode step's new keys and values (in place: the cache is donated).
+
+    `after` is the state's column after the step, already on the devices: the step wrote for column
+    after - 1, and no host value has to be sent each step.
+    """
+    column = after - 1
     put = lambda layer, entries: jax.lax.dynamic_update_slice(layer, entries, (0, 0, column, 0))
     return KVCache(k=tuple(map(put, cache.k, new.k)), v=tuple(map(put, cache.v, new.v)))
 
@@ -1028,7 +1033,7 @@ class SlotRunner:
         firsts = [self._prefill_and_admit(group) for group in plan.groups]
         new, self.state, tokens = self._program("decode", plan.window, plan.sampling)(
             self.params, self.cache, self.state)
-        self.cache = self._program("write")(self.cache, new, self._put(np.int32(self.column)))
+        self.cache = self._program("write")(self.cache, new, self.state.column)
         self.column += 1
         return StepOutput(firsts, tokens)
 

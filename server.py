@@ -330,17 +330,23 @@ def bytes_output(texts: Sequence[str]) -> dict[str, np.ndarray]:
     return {"output": np.array([[t.encode("utf-8")] for t in texts], dtype=object)}  # [B, 1] bytes
 
 
+def rows_or_reject(parser: RequestParser, request: Any) -> list[Row]:
+    """The rows of one PyTriton request; a BadRequest goes back to the client as PyTriton's bad-parameter error."""
+    from pytriton.exceptions import PyTritonBadParameterError
+
+    try:
+        return parser.parse(dict(request.items()))
+    except BadRequest as error:
+        raise PyTritonBadParameterError(str(error)) from None
+
+
 def make_infer_fn(scheduler: Any, parser: RequestParser):
     """The callable of model `OPT` (one request at a time per model instance): prompt + generated text."""
-    from pytriton.exceptions import PyTritonBadParameterError
 
     async def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
         responses = []
         for request in requests:  # Triton passes one request at a time: the model has no dynamic batcher
-            try:
-                rows = parser.parse(dict(request.items()))
-            except BadRequest as error:
-                raise PyTritonBadParameterError(str(error)) from None
+            rows = rows_or_reject(parser, request)
             sequences = [scheduler.submit(row.request) for row in rows]
             tokens = await asyncio.gather(*(asyncio.wrap_future(s.future) for s in sequences))
             responses.append(bytes_output([row.prompt + parser.tokenizer.decode(t) for row, t in zip(rows, tokens)]))
@@ -360,10 +366,7 @@ def make_stream_fn(scheduler: Any, parser: RequestParser):
     async def stream(requests: list[Any]):
         if len(requests) != 1:
             raise PyTritonBadParameterError(f"{STREAM_MODEL_NAME} takes one request at a time, got {len(requests)}")
-        try:
-            rows = parser.parse(dict(requests[0].items()))
-        except BadRequest as error:
-            raise PyTritonBadParameterError(str(error)) from None
+        rows = rows_or_reject(parser, requests[0])
         if len(rows) != 1:
             raise PyTritonBadParameterError(f"{STREAM_MODEL_NAME} streams one row per request, got {len(rows)}")
         loop = asyncio.get_running_loop()

@@ -155,6 +155,7 @@ class Loaded:
     model: Any  # OPTForCausalLM
     params: Any
     config: Any  # OPTConfig
+    mesh: Any  # the one-device mesh the weights live on
     init_s: float
 
 
@@ -166,7 +167,7 @@ def load_random(name: str, device: jax.Device) -> Loaded:
     begin = time.perf_counter()
     params = opt_utils.random_params(model, mesh)
     block(params)
-    return Loaded(name, model, params, config, time.perf_counter() - begin)
+    return Loaded(name, model, params, config, mesh, time.perf_counter() - begin)
 
 
 def leaves_by_name(params: Any) -> dict[str, jax.Array]:
@@ -349,8 +350,7 @@ def measure_engine(loaded: Loaded, args: argparse.Namespace) -> dict[str, Any]:
     import engine
 
     shapes = opt_utils.SlotShapes.make(slots=1, max_positions=args.engine_positions)
-    mesh = opt_utils.make_mesh(jax.devices()[:1], loaded.config)
-    runner = opt_utils.SlotRunner(model=loaded.model, params=loaded.params, mesh=mesh, shapes=shapes)
+    runner = opt_utils.SlotRunner(model=loaded.model, params=loaded.params, mesh=loaded.mesh, shapes=shapes)
     compile_s = runner.warm_up()
     scheduler = engine.Scheduler(runner, eos_id=loaded.config.eos_token_id)
     prompt = tuple(int(t) for t in np.asarray(prompt_tokens(loaded.config.vocab_size)).reshape(-1))
