@@ -10,6 +10,12 @@ The step's tokens are read one step late: step i+1 is dispatched before step i's
 so the device never waits for the host's bookkeeping. A slot that finished in step i therefore runs
 one more (frozen, unread) step before it is reused.
 
+A request ends early when it is cancelled (its client went away) or its deadline passes: the
+scheduler looks at both before planning every step, fails the request with a `DeadlineExceeded` or
+`Cancelled` error and frees its slot for the next admission. The queue of waiting rows is bounded:
+past `max_waiting` a submit is refused at once with `Overloaded`, and after `stop_accepting` (a drain)
+with `Draining`.
+
 `one_batch_at_a_time` is the original example's way, kept for comparison: a batch is admitted only
 when every slot is empty, and runs until its last row ends.
 
@@ -30,6 +36,30 @@ import numpy as np
 from opt_utils import Admission, Plan, PrefillGroup, Request, SlotShapes, StepOutput
 
 LOGGER = logging.getLogger("engine")
+
+
+class Refused(RuntimeError):
+    """A request the engine will not queue; raised by `submit` at once, nothing was started."""
+
+
+class Overloaded(Refused):
+    """The queue of waiting rows is full: the client should retry later or elsewhere."""
+
+
+class Draining(Refused):
+    """The server is shutting down and takes no new requests."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """A request ran past its deadline; its slot is freed."""
+
+
+class Cancelled(RuntimeError):
+    """A request nobody waits for any more (its client disconnected); its slot is freed."""
+
+
+class ShuttingDown(RuntimeError):
+    """A request still running when a drain's grace period ended."""
 
 
 class Metrics(Protocol):
@@ -79,6 +109,7 @@ class InFlight:
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     tokens: list[int] = dataclasses.field(default_factory=list)
     submitted: float = dataclasses.field(default_factory=time.monotonic)
+    deadline: float | None = None  # time.monotonic() after which the request fails with DeadlineExceeded
     first_token_at: float | None = None
     finished: bool = False
 
@@ -95,7 +126,11 @@ class InFlight:
         self.tokens.append(token)
         metrics.tokens(1)
         if self.on_token is not None:
-            self.on_token(token)
+            try:
+                self.on_token(token)
+            except Exception as error:  # its listener is gone (e.g. a stopped event loop): nobody to generate for
+                self.fail(Cancelled(f"the request's listener failed: {error}"), metrics, "cancelled")
+                return
         if len(self.tokens) >= self.request.max_new_tokens:
             self.finish(now, metrics)
 
@@ -107,11 +142,11 @@ class InFlight:
         if not self.future.done():
             self.future.set_result(list(self.tokens))
 
-    def fail(self, error: BaseException, metrics: Metrics) -> None:
+    def fail(self, error: BaseException, metrics: Metrics, outcome: str = "error") -> None:
         if self.finished:
             return
         self.finished = True
-        metrics.finished(len(self.tokens), None, "error")
+        metrics.finished(len(self.tokens), None, outcome)
         try:
             self.future.set_exception(error)
         except concurrent.futures.InvalidStateError:  # answered meanwhile
@@ -131,14 +166,18 @@ class Scheduler:
     """Admits requests into slots and runs the engine step by step (`run` in a thread, or `generate`)."""
 
     def __init__(self, runner: Runner, *, eos_id: int, one_batch_at_a_time: bool = False,
-                 publish: Callable[[Plan], None] = lambda plan: None, metrics: Metrics = NO_METRICS):
+                 publish: Callable[[Plan], None] = lambda plan: None, metrics: Metrics = NO_METRICS,
+                 max_waiting: int | None = None):
         self._runner = runner
         self.shapes = runner.shapes
         self._eos_id = eos_id
         self._one_batch = one_batch_at_a_time
         self._publish = publish
         self._metrics = metrics
+        self._max_waiting = max_waiting  # rows; None: unbounded
         self._waiting: collections.deque[InFlight] = collections.deque()
+        self._cancelled: list[tuple[InFlight, BaseException]] = []  # asked for by other threads, done before a step
+        self._refusal: Refused | None = None  # set by stop_accepting
         self._wake = threading.Condition()
         self._slots: list[InFlight | None] = [None] * self.shapes.slots
         self._first_valid = np.zeros(self.shapes.slots, np.int64)  # host copy, per slot
@@ -147,19 +186,53 @@ class Scheduler:
         self.failure: BaseException | None = None
 
     # -- requests ----------------------------------------------------------------------------------
-    def submit(self, request: Request, on_token: Callable[[int], None] | None = None) -> InFlight:
-        """Queues a request; its future gets the generated tokens (EOS excluded)."""
+    def submit(self, request: Request, on_token: Callable[[int], None] | None = None, *,
+               timeout: float | None = None) -> InFlight:
+        """Queues a request; its future gets the generated tokens (EOS excluded), or the error that ended it."""
+        return self.submit_all([request], on_token, timeouts=[timeout])[0]
+
+    def submit_all(self, requests: Sequence[Request], on_token: Callable[[int], None] | None = None, *,
+                   timeouts: Sequence[float | None] | None = None) -> list[InFlight]:
+        """Queues the rows of one client request together: all of them, or none (an error says why).
+
+        `timeouts`: per row, seconds from now after which it fails with DeadlineExceeded (None: never).
+        """
         if self.failure is not None:
             raise RuntimeError(f"the generation engine failed: {self.failure}")
-        needed = len(request.tokens) + request.max_new_tokens
-        if needed > self.shapes.max_positions:
-            raise ValueError(f"prompt of {len(request.tokens)} tokens plus {request.max_new_tokens} new ones exceeds "
-                             f"the model's {self.shapes.max_positions} positions")
-        sequence = InFlight(request, on_token, self._eos_id)
+        for request in requests:
+            needed = len(request.tokens) + request.max_new_tokens
+            if needed > self.shapes.max_positions:
+                raise ValueError(f"prompt of {len(request.tokens)} tokens plus {request.max_new_tokens} new ones "
+                                 f"exceeds the model's {self.shapes.max_positions} positions")
+        now = time.monotonic()
+        timeouts = timeouts if timeouts is not None else [None] * len(requests)
+        sequences = [InFlight(r, on_token, self._eos_id, submitted=now, deadline=None if t is None else now + t)
+                     for r, t in zip(requests, timeouts, strict=True)]
         with self._wake:
-            self._waiting.append(sequence)
+            if self._refusal is not None:
+                raise self._refusal
+            if self._max_waiting is not None and len(self._waiting) + len(sequences) > self._max_waiting:
+                raise Overloaded(f"overloaded: {len(self._waiting)} rows already wait for a decode slot and the "
+                                 f"queue holds {self._max_waiting} (--max-queue-size); retry later")
+            self._waiting.extend(sequences)
             self._wake.notify()
-        return sequence
+        return sequences
+
+    def cancel(self, sequence: InFlight, error: BaseException) -> None:
+        """Ends a request from any thread: it fails with `error` and its slot is freed before the next step."""
+        with self._wake:
+            self._cancelled.append((sequence, error))
+            self._wake.notify()
+
+    def stop_accepting(self, refusal: Refused) -> None:
+        """From now on every submit raises `refusal`; what was queued or running carries on (a drain)."""
+        with self._wake:
+            self._refusal = refusal
+
+    @property
+    def in_flight(self) -> int:
+        """Rows queued or running (read from any thread: a moment's snapshot)."""
+        return len(self._waiting) + sum(s is not None for s in self._slots)
 
     def abort(self, error: BaseException) -> None:
         """Fails every waiting and running request at once (a lost peer: nothing will finish)."""
@@ -170,6 +243,13 @@ class Scheduler:
             self._wake.notify_all()
         for sequence in doomed:
             sequence.fail(error, self._metrics)
+
+    def cancel_all(self, error: BaseException) -> None:
+        """Ends every queued and running request with `error` before the next step (a drain's grace is over)."""
+        with self._wake:
+            for sequence in [*self._waiting, *(s for s in self._slots if s is not None)]:
+                self._cancelled.append((sequence, error))
+            self._wake.notify()
 
     @property
     def busy(self) -> bool:
@@ -216,6 +296,7 @@ class Scheduler:
 
     # -- planning ----------------------------------------------------------------------------------
     def _plan(self) -> Plan | None:
+        self._retire(time.monotonic())
         admitted = self._admit()
         live = [s for s, seq in enumerate(self._slots) if seq is not None]
         if not live:
@@ -237,6 +318,29 @@ class Scheduler:
         self._column = t + 1
         sampling = any(not self._slots[s].request.sampling.greedy for s in live)
         return Plan(column=column, shift=shift, groups=groups, window=window, sampling=sampling)
+
+    def _retire(self, now: float) -> None:
+        """Fails the cancelled requests and those past their deadline; frees their queue places and slots.
+
+        A freed slot's row keeps running on the devices until a new admission overwrites it; its tokens
+        are read and ignored (the sequence is finished), as for a row that ended by itself.
+        """
+        with self._wake:
+            ending, self._cancelled = self._cancelled, []
+            for sequence in [*self._waiting, *(s for s in self._slots if s is not None)]:
+                if sequence.deadline is not None and now >= sequence.deadline:
+                    ending.append((sequence, DeadlineExceeded(
+                        f"timed out: the request's deadline of {sequence.deadline - sequence.submitted:.3g} s passed "
+                        f"after {len(sequence.tokens)} of {sequence.request.max_new_tokens} tokens")))
+            for sequence, error in ending:
+                if sequence in self._waiting:
+                    self._waiting.remove(sequence)
+        for sequence, error in ending:
+            outcome = "timeout" if isinstance(error, DeadlineExceeded) else "cancelled"
+            sequence.fail(error, self._metrics, outcome)
+            for slot, occupant in enumerate(self._slots):
+                if occupant is sequence:
+                    self._slots[slot] = None
 
     def _admit(self) -> dict[int, InFlight]:
         """Moves waiting requests into free slots; returns slot -> sequence for those admitted.

@@ -65,11 +65,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-prefill-tokens", type=int, default=4096,
                         help="padded prompt tokens prefilled per engine step (and per prefill call): bounds how long "
                              "new prompts pause the running sequences")
+    parser.add_argument("--max-queue-size", type=int, default=1024,
+                        help="most rows waiting for a decode slot; a request that would go past it is refused at once "
+                             "with an 'overloaded' error (at least --max-batch-size)")
+    parser.add_argument("--request-timeout", type=float, default=0.0,
+                        help="seconds a request may take from its arrival to its last token; one past it fails with a "
+                             "'timed out' error and frees its slot (0: no limit). A request's optional input "
+                             "timeout_seconds can only shorten it")
     parser.add_argument("--one-batch-at-a-time", action="store_true",
                         help="the original example's scheduling, for comparison: a batch runs to its end before the "
                              "next is admitted (default: continuous batching, a request joins at the next step)")
     parser.add_argument("--exit-timeout", type=int, default=30,
-                        help="seconds Triton waits for requests in flight when stopping")
+                        help="drain grace period: after SIGTERM no new request is taken and those in flight get this "
+                             "many seconds to finish before they are ended; then Triton stops and every rank exits 0")
     parser.add_argument("--join-timeout", type=float, default=300.0,
                         help="seconds a rank waits for every other rank to join the group before it exits, naming "
                              "the ranks that never came (multi-node only)")
@@ -90,6 +98,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for flag in ("join_timeout", "peer_timeout"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.max_queue_size < args.max_batch_size:
+        parser.error(f"--max-queue-size {args.max_queue_size} must be at least --max-batch-size {args.max_batch_size}: "
+                     "a full batch could never be queued")
+    if not (args.request_timeout >= 0 and np.isfinite(args.request_timeout)):
+        parser.error(f"--request-timeout must be >= 0 seconds (0: no limit), got {args.request_timeout}")
+    if args.exit_timeout < 0:
+        parser.error(f"--exit-timeout must be >= 0 seconds, got {args.exit_timeout}")
     if args.number_of_nodes > 1 and not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", args.head_url):
         parser.error(f"--head-url must be host:port, got {args.head_url!r}")
     return args
@@ -197,6 +212,7 @@ def log_weight_bytes(params: Any, mesh_size: int) -> None:
 
 STREAM_MODEL_NAME = "OPT_stream"
 MAX_TEMPERATURE = 100.0
+MAX_TIMEOUT_S = 86400.0
 
 
 class BadRequest(ValueError):
@@ -223,7 +239,7 @@ def _finite_between(lo: float, hi: float, *, lo_open: bool = False) -> Callable[
 
 
 def optional_inputs(vocab_size: int) -> tuple[OptionalInput, ...]:
-    """The sampling inputs; a request that sends none of them is decoded greedily."""
+    """The per-row optional inputs: sampling (none of them: greedy decoding) and the row's deadline."""
     return (
         OptionalInput("temperature", np.float32, 0.0, _finite_between(0.0, MAX_TEMPERATURE)),
         OptionalInput("top_k", np.int32, 0,
@@ -231,6 +247,7 @@ def optional_inputs(vocab_size: int) -> tuple[OptionalInput, ...]:
         OptionalInput("top_p", np.float32, 1.0, _finite_between(0.0, 1.0, lo_open=True)),
         OptionalInput("seed", np.int64, None, lambda v: None if v >= 0 else "must be >= 0"),
         OptionalInput("ignore_eos", np.bool_, False, lambda v: None),
+        OptionalInput("timeout_seconds", np.float32, None, _finite_between(0.0, MAX_TIMEOUT_S, lo_open=True)),
     )
 
 
@@ -240,13 +257,15 @@ class Row:
 
     prompt: str
     request: Any  # opt_utils.Request
+    timeout: float | None  # seconds from arrival, the flag's limit applied; None: no deadline
 
 
 class RequestParser:
     """Decodes and checks every row of one Triton request; the first problem is a BadRequest naming the row."""
 
-    def __init__(self, tokenizer: Any, max_positions: int, vocab_size: int):
+    def __init__(self, tokenizer: Any, max_positions: int, vocab_size: int, *, max_timeout: float | None = None):
         self.tokenizer = tokenizer
+        self.max_timeout = max_timeout  # --request-timeout; None: no limit
         self.max_positions = max_positions
         self.optional = optional_inputs(vocab_size)
         self._seeds = np.random.default_rng()
@@ -280,7 +299,12 @@ class RequestParser:
         if len(tokens) + length > self.max_positions:
             raise BadRequest(f"row {i}: prompt of {len(tokens)} tokens plus output_length {length} exceeds "
                              f"the model's {self.max_positions} positions")
-        return Row(prompt, opt_utils.Request(tokens, length, self._sampling(i, given)))
+        return Row(prompt, opt_utils.Request(tokens, length, self._sampling(i, given)), self._timeout(given))
+
+    def _timeout(self, given: dict[str, Any]) -> float | None:
+        """The row's deadline in seconds: its timeout_seconds (checked with the other inputs), at most the flag's."""
+        limits = [float(v) for v in (given.get("timeout_seconds"), self.max_timeout) if v is not None]
+        return min(limits) if limits else None
 
     def _sampling(self, i: int, given: dict[str, Any]) -> Any:
         import opt_utils
@@ -340,6 +364,17 @@ def rows_or_reject(parser: RequestParser, request: Any) -> list[Row]:
         raise PyTritonBadParameterError(str(error)) from None
 
 
+def submit_or_refuse(scheduler: Any, rows: Sequence[Row], on_token: Callable[[int], None] | None = None) -> list[Any]:
+    """Queues the rows in the engine; a full queue or a drain refuses them at once with a message saying so."""
+    import engine
+    from pytriton.exceptions import PyTritonBadParameterError
+
+    try:
+        return scheduler.submit_all([row.request for row in rows], on_token, timeouts=[row.timeout for row in rows])
+    except engine.Refused as error:
+        raise PyTritonBadParameterError(str(error)) from None
+
+
 def make_infer_fn(scheduler: Any, parser: RequestParser):
     """The callable of model `OPT` (one request at a time per model instance): prompt + generated text."""
 
@@ -347,7 +382,7 @@ def make_infer_fn(scheduler: Any, parser: RequestParser):
         responses = []
         for request in requests:  # Triton passes one request at a time: the model has no dynamic batcher
             rows = rows_or_reject(parser, request)
-            sequences = [scheduler.submit(row.request) for row in rows]
+            sequences = submit_or_refuse(scheduler, rows)
             tokens = await asyncio.gather(*(asyncio.wrap_future(s.future) for s in sequences))
             responses.append(bytes_output([row.prompt + parser.tokenizer.decode(t) for row, t in zip(rows, tokens)]))
         return responses
@@ -371,8 +406,8 @@ def make_stream_fn(scheduler: Any, parser: RequestParser):
             raise PyTritonBadParameterError(f"{STREAM_MODEL_NAME} streams one row per request, got {len(rows)}")
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[int | None] = asyncio.Queue()
-        sequence = scheduler.submit(rows[0].request, lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t))
-        sequence.future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
+        (sequence,) = submit_or_refuse(scheduler, rows, lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t))
+        sequence.future.add_done_callback(lambda _: call_soon_if_open(loop, tokens.put_nowait, None))
         text = TextStream(parser.tokenizer)
         ended = False
         while not ended:
@@ -387,6 +422,14 @@ def make_stream_fn(scheduler: Any, parser: RequestParser):
         yield [bytes_output([text.finish()])]
 
     return stream
+
+
+def call_soon_if_open(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *args: Any) -> None:
+    """Hands `callback` to the loop's thread; a loop already closed (Triton stopped) has nobody left to tell."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass
 
 
 class PrometheusMetrics:
@@ -526,6 +569,9 @@ def decode_plan(message: bytes) -> Any | None:
     return opt_utils.Plan(column=column, shift=shift, groups=tuple(groups), window=window, sampling=bool(sampling))
 
 
+INTERRUPTED = object()  # Channel.receive's answer when its wait was cut short, not a message
+
+
 class Channel:
     """Rank 0 to every other rank, one message per engine step, in order: the only data that crosses ranks.
 
@@ -550,11 +596,11 @@ class Channel:
             self._client.key_value_delete(self._key(self._sent - 2))
         self._sent += 1
 
-    def receive(self, stop: threading.Event) -> Any | None:
-        """Workers: the next step; None when rank 0 says stop or a signal sets `stop`."""
+    def receive(self, stop: threading.Event) -> Any:
+        """Workers: the next step; None when rank 0 says stop; INTERRUPTED once `stop` is set."""
         message = await_key(self._client, self._key(self._received), stop)
         if message is None:
-            return None
+            return INTERRUPTED
         self._received += 1
         return decode_plan(message)
 
@@ -579,8 +625,9 @@ class PeerMonitor:
     """Heartbeats through the key-value store: a rank whose heartbeat stops for `timeout` seconds is lost.
 
     Keys under opt-server/peers/: `heartbeat/<rank>` (a counter each rank bumps every second),
-    `leaving/<rank>` (why a worker stopped), `ended` (why rank 0 ended the group on a failure) and
-    `stopped` (rank 0 was stopped before serving). Rank 0 watches every worker; a worker watches rank 0,
+    `leaving/<rank>` (why a worker stopped), `draining/<rank>` (a worker got SIGTERM and asks rank 0 to
+    drain the group), `ended` (why rank 0 ended the group on a failure) and `stopped` (rank 0 was
+    stopped before serving). Rank 0 watches every worker; a worker watches rank 0,
     whose process also holds the key-value store, so a dead rank 0 shows as the store not answering.
     `on_lost(message, status)` gets a message naming the lost rank and the exit status it calls for.
     """
@@ -599,6 +646,7 @@ class PeerMonitor:
         self._finished = threading.Event()
         self.lost: str | None = None
         self.lost_event = threading.Event()
+        self.drain_requested: str | None = None  # rank 0: why a worker asked the group to drain
         self._thread = threading.Thread(target=self._run, name="peer-monitor", daemon=True)
 
     def _key(self, name: str) -> str:
@@ -624,6 +672,13 @@ class PeerMonitor:
             self._client.key_value_set(self._key(name), reason, allow_overwrite=True)
         except Exception as error:  # the store is gone with rank 0: nobody is left to tell
             LOGGER.debug("could not announce leaving: %s", error)
+
+    def request_drain(self, reason: str) -> None:
+        """A worker: asks rank 0 to stop taking requests, finish those in flight and stop the group."""
+        try:
+            self._client.key_value_set(self._key(f"draining/{self._rank}"), reason, allow_overwrite=True)
+        except Exception as error:  # the store is gone with rank 0: the monitor ends this rank
+            LOGGER.debug("could not ask for a drain: %s", error)
 
     def _run(self) -> None:
         beat = 0
@@ -656,6 +711,9 @@ class PeerMonitor:
             return f"rank 0 ended the group: {reason}", 1
         if self._rank and (reason := entries.get(self._key("stopped"))):
             return f"rank 0 stopped the group: {reason}", 0
+        if not self._rank and self.drain_requested is None:
+            self.drain_requested = next((f"rank {rank} asked for a drain ({reason})" for rank in self._watched
+                                         if (reason := entries.get(self._key(f"draining/{rank}")))), None)
         lost = self._stale_or_leaving(entries, now)
         return (lost, 1) if lost else None
 
@@ -681,6 +739,7 @@ class Group:
     client: Any  # jax.distributed's client: the key-value store of the coordination service
     channel: Channel
     monitor: PeerMonitor
+    stopped_by_rank_0: bool = False  # a worker got rank 0's stop: every rank is leaving together
 
     def announce_ready(self) -> None:
         """A worker has its weights and programs: rank 0 may start taking requests."""
@@ -869,11 +928,13 @@ def serve(args: argparse.Namespace, runner: Any, config: Any, stop: threading.Ev
     if args.generation_metrics_port:
         metrics.serve(args.generation_metrics_port, args.bind_address)
     scheduler = engine.Scheduler(runner, eos_id=config.eos_token_id, one_batch_at_a_time=args.one_batch_at_a_time,
-                                 publish=group.channel.send if group else lambda plan: None, metrics=metrics)
+                                 publish=group.channel.send if group else lambda plan: None, metrics=metrics,
+                                 max_waiting=args.max_queue_size)
     scheduler_stop = threading.Event()
     scheduler_thread = threading.Thread(target=scheduler.run, args=(scheduler_stop,), name="engine", daemon=True)
     scheduler_thread.start()
-    parser = RequestParser(tokenizer, config.max_position_embeddings, config.vocab_size)
+    parser = RequestParser(tokenizer, config.max_position_embeddings, config.vocab_size,
+                           max_timeout=args.request_timeout or None)
     serving.set()  # from here a signal lets Triton stop cleanly instead of interrupting it
     reaper = start_reaper()
     triton = start_triton(args, make_infer_fn(scheduler, parser), make_stream_fn(scheduler, parser))
@@ -887,15 +948,45 @@ def serve(args: argparse.Namespace, runner: Any, config: Any, stop: threading.Ev
         scheduler.abort(GroupError(problem))
         if group:
             group.monitor.leave(problem, failed=True)
-    reaper.kill()
-    reaper.wait()
-    stop_triton(triton)
+    else:
+        drain(scheduler, args.exit_timeout)
     scheduler_stop.set()
     scheduler_thread.join(timeout=2 if problem else 60)
     if group and not problem:
-        group.channel.send(None)
+        group.channel.send(None)  # after the engine's last step: the workers stop while Triton stops
+    reaper.kill()
+    reaper.wait()
+    stop_triton(triton)
     LOGGER.info("stopped")
     return 1 if problem else 0
+
+
+DRAIN_HANDOVER_S = 1.0  # after the engine's last token: time for the callables to hand their responses to Triton
+DRAIN_MARGIN_S = 30.0  # a worker that asked for a drain waits this long past --exit-timeout for rank 0's stop
+
+
+def drain(scheduler: Any, grace: float) -> None:
+    """SIGTERM's way out: new requests are refused; those in flight get `grace` seconds, then are ended."""
+    import engine
+
+    scheduler.stop_accepting(engine.Draining("the server is shutting down (draining after SIGTERM) and takes no "
+                                             "new requests: send it to another replica"))
+    LOGGER.info("draining: %d rows in flight get up to %g s to finish (--exit-timeout)", scheduler.in_flight, grace)
+    if not wait_idle(scheduler, grace):
+        LOGGER.warning("drain: %d rows still in flight after %g s: ending them", scheduler.in_flight, grace)
+        scheduler.cancel_all(engine.ShuttingDown(f"shutting down: the request did not finish within the drain's "
+                                                 f"grace period of {grace:g} s (--exit-timeout)"))
+        wait_idle(scheduler, 5.0)
+    time.sleep(DRAIN_HANDOVER_S)
+    LOGGER.info("drained")
+
+
+def wait_idle(scheduler: Any, timeout: float) -> bool:
+    """Whether the engine ran out of rows within `timeout` seconds (or failed: nothing more will finish)."""
+    deadline = time.monotonic() + timeout
+    while scheduler.in_flight and scheduler.failure is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not scheduler.in_flight or scheduler.failure is not None
 
 
 def start_triton(args: argparse.Namespace, infer: Any, stream: Any) -> Any:
@@ -996,10 +1087,14 @@ def _existing_process(pid: int) -> psutil.Process | None:
 
 
 def wait_for_stop(triton: Any, engine: Any, stop: threading.Event, group: Group | None) -> str | None:
-    """Blocks until a signal (None) or a failure: Triton died, the engine failed, or a peer was lost."""
+    """Blocks until a signal or a worker's drain request (None), or a failure: Triton died, the engine
+    failed, or a peer was lost."""
     while not stop.wait(timeout=1.0):
         if group and group.monitor.lost:
             return group.monitor.lost
+        if group and group.monitor.drain_requested:
+            LOGGER.info("%s: draining the group", group.monitor.drain_requested)
+            return None
         if not triton.is_alive():
             return "Triton stopped unexpectedly"
         if engine.failure is not None:
@@ -1036,18 +1131,32 @@ def reap_leftovers(processes: Sequence[psutil.Process], folders: set[Path]) -> N
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def work(runner: Any, group: Group, stop: threading.Event) -> int:
-    """Ranks 1..N-1: run every step rank 0 sends, until it says stop or a signal arrives.
+def work(runner: Any, group: Group, stop: threading.Event, grace: float) -> int:
+    """Ranks 1..N-1: run every step rank 0 sends, until it says stop.
 
-    A lost peer ends this process from the monitor's thread, wherever this loop is waiting.
+    SIGTERM asks rank 0 to drain the group (the group cannot serve without this rank): the steps of the
+    requests in flight keep running until rank 0 says stop, or `grace` plus a margin has passed. A lost
+    peer ends this process from the monitor's thread, wherever this loop is waiting.
     """
     import jax
 
-    serving.set()  # from here a signal ends the loop between steps
+    serving.set()  # from here a signal no longer interrupts: it starts a drain
     group.announce_ready()
     LOGGER.info("rank %d ready: running the steps rank 0 sends", group.rank)
-    previous = None
-    while (plan := group.channel.receive(stop)) is not None:
+    previous, give_up = None, threading.Event()
+    while (plan := group.channel.receive(give_up if stop.is_set() else stop)) is not None:
+        if plan is INTERRUPTED:
+            if give_up.is_set():
+                LOGGER.error("rank 0 did not stop the group within %g s of this rank's drain request; leaving",
+                             grace + DRAIN_MARGIN_S)
+                group.monitor.leave("its drain request went unanswered", failed=False)
+                return 1
+            LOGGER.info("asking rank 0 to drain the group; running its steps until it stops the group")
+            group.monitor.request_drain("SIGTERM")
+            timer = threading.Timer(grace + DRAIN_MARGIN_S, give_up.set)
+            timer.daemon = True
+            timer.start()
+            continue
         try:
             output = runner.run(plan)
             if previous is not None:  # as rank 0 does: at most one step queued ahead on the devices
@@ -1057,11 +1166,8 @@ def work(runner: Any, group: Group, stop: threading.Event) -> int:
             lost = group.monitor.wait_lost(group.monitor.timeout + 2 * HEARTBEAT_INTERVAL_S)
             LOGGER.error("stopping: %s", lost or f"generation failed: {error}")
             return 1
-    if stop.is_set():
-        group.monitor.leave("stopped by a signal", failed=False)
-        LOGGER.info("left the group")
-    else:
-        LOGGER.info("rank 0 stopped the group")
+    LOGGER.info("rank 0 stopped the group")
+    group.stopped_by_rank_0 = True
     return 0
 
 
@@ -1082,7 +1188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.rank == 0:
             status = serve(args, runner, config, stop, group)
         else:
-            status = work(runner, group, stop)
+            status = work(runner, group, stop, args.exit_timeout)
     except StopRequested as signal_name:
         LOGGER.info("stopped by %s before serving", signal_name)
         if group:
@@ -1092,7 +1198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         LOGGER.error("%s", error)
         exit_now(1)
     # Every rank reaches jax's shutdown barrier only when rank 0 stopped the group on purpose.
-    return leave_group(group, status, clean=status == 0 and (args.rank == 0 or not stop.is_set()))
+    return leave_group(group, status, clean=status == 0 and (args.rank == 0 or group.stopped_by_rank_0))
 
 
 if __name__ == "__main__":

@@ -278,3 +278,128 @@ def test_top_k_one_and_temperature_zero_give_the_greedy_tokens(runner: SlotRunne
         Sampling(temperature=1.0, seed=3))])  # the third samples, so the first two run in the sampling program
     assert rows[0] == rows[1] == naive(greedy)
     assert rows[2] != naive(greedy)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Deadlines, cancellation, the bounded queue and the drain
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_until_done(engine: Scheduler, sequences: list[InFlight], most_steps: int = 500) -> None:
+    for _ in range(most_steps):
+        if all(s.future.done() for s in sequences) and not engine.busy:
+            return
+        engine.step()
+    raise AssertionError("the engine did not finish its requests")
+
+
+def test_a_request_past_its_deadline_times_out_and_frees_its_slot_for_the_next(runner: SlotRunner, naive) -> None:
+    from engine import DeadlineExceeded
+
+    engine, _ = scheduler(runner)
+    # Four long rows fill the four slots; the first of them has a deadline that passes after a few steps.
+    long = [Request(prompt(300 + 40 * i, 4), 40) for i in range(4)]
+    doomed = engine.submit(long[0], timeout=0.0)  # already past: it must end before its first step
+    others = [engine.submit(r) for r in long[1:]]
+    waiting = engine.submit(MIXED[0])  # no slot is free for it until the doomed row's slot is
+    run_until_done(engine, [doomed, *others, waiting])
+    with pytest.raises(DeadlineExceeded, match=r"timed out: the request's deadline of 0 s passed after 0 of 40"):
+        doomed.future.result()
+    assert [s.future.result() for s in others] == [naive(r) for r in long[1:]]
+    assert waiting.future.result() == naive(MIXED[0])
+    assert waiting.first_token_at < min(s.first_token_at for s in others) + 10  # it did not wait for them to end
+
+
+def test_a_deadline_that_passes_mid_generation_keeps_the_tokens_made_so_far_out_of_the_answer(
+    runner: SlotRunner, naive
+) -> None:
+    from engine import DeadlineExceeded
+
+    engine, _ = scheduler(runner)
+    sequence = engine.submit(Request(prompt(7, 3), 50), timeout=3600)
+    for _ in range(6):
+        engine.step()
+    sequence.deadline = sequence.submitted  # as if an hour went by
+    neighbour = engine.submit(MIXED[1])
+    run_until_done(engine, [sequence, neighbour])
+    with pytest.raises(DeadlineExceeded, match=r"after [1-9]\d* of 50 tokens"):
+        sequence.future.result()
+    assert neighbour.future.result() == naive(MIXED[1])
+    assert not any(engine._slots)
+
+
+def test_a_cancelled_request_fails_at_once_and_its_slot_serves_the_next_request(runner: SlotRunner, naive) -> None:
+    from engine import Cancelled
+
+    engine, _ = scheduler(runner)
+    running = [engine.submit(Request(prompt(500 + 30 * i, 5), 45)) for i in range(4)]
+    queued = engine.submit(MIXED[2])
+    for _ in range(3):
+        engine.step()
+    engine.cancel(running[0], Cancelled("the client disconnected"))
+    engine.cancel(queued, Cancelled("the client disconnected"))  # still waiting: leaves the queue
+    late = engine.submit(MIXED[3])
+    engine.step()
+    assert late.tokens == [] and any(s is late for s in engine._slots)  # admitted into the freed slot
+    run_until_done(engine, [*running, queued, late])
+    for sequence in (running[0], queued):
+        with pytest.raises(Cancelled, match="the client disconnected"):
+            sequence.future.result()
+    assert [s.future.result() for s in running[1:]] == [naive(s.request) for s in running[1:]]
+    assert late.future.result() == naive(MIXED[3])
+
+
+def test_a_full_queue_refuses_a_request_at_once_and_takes_it_again_once_there_is_room(runner: SlotRunner) -> None:
+    from engine import Overloaded
+
+    engine, _ = scheduler(runner, max_waiting=3)
+    first = engine.submit_all([Request(prompt(10 * i, 2), 2) for i in range(3)])
+    with pytest.raises(Overloaded, match=r"overloaded: 3 rows already wait .* queue holds 3 \(--max-queue-size\)"):
+        engine.submit(Request(prompt(1, 2), 2))
+    with pytest.raises(Overloaded):  # all rows of a request or none
+        engine.submit_all([Request(prompt(1, 2), 2)] * 2)
+    assert engine.in_flight == 3
+    engine.step()  # the three go into slots: the queue is empty again
+    again = engine.submit_all([Request(prompt(1, 2), 2)] * 3)
+    run_until_done(engine, [*first, *again])
+    assert all(len(s.future.result()) == 2 for s in [*first, *again])
+
+
+def test_a_drain_refuses_new_requests_finishes_those_in_flight_and_cancel_all_ends_the_rest(runner: SlotRunner,
+                                                                                             naive) -> None:
+    from engine import Draining, ShuttingDown
+
+    engine, _ = scheduler(runner)
+    finishing = engine.submit(MIXED[0])
+    engine.stop_accepting(Draining("shutting down"))
+    with pytest.raises(Draining, match="shutting down"):
+        engine.submit(MIXED[1])
+    run_until_done(engine, [finishing])
+    assert finishing.future.result() == naive(MIXED[0])
+
+    runner.reset()
+    engine, _ = scheduler(runner)
+    long = engine.submit(Request(prompt(9, 4), 60))
+    engine.step()
+    engine.cancel_all(ShuttingDown("grace period over"))
+    run_until_done(engine, [long])
+    with pytest.raises(ShuttingDown, match="grace period over"):
+        long.future.result()
+    assert engine.in_flight == 0
+
+
+def test_a_listener_that_raises_cancels_only_its_own_request(runner: SlotRunner, naive) -> None:
+    from engine import Cancelled
+
+    engine, _ = scheduler(runner)
+
+    def closed_loop(token: int) -> None:
+        raise RuntimeError("Event loop is closed")
+
+    broken = engine.submit(Request(prompt(40, 3), 30), on_token=closed_loop)
+    fine = engine.submit(MIXED[4])
+    run_until_done(engine, [broken, fine])
+    with pytest.raises(Cancelled, match="listener failed: Event loop is closed"):
+        broken.future.result()
+    assert fine.future.result() == naive(MIXED[4])
+    assert engine.failure is None
