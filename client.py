@@ -48,6 +48,7 @@ class Sampling:
     top_p: float | None = None  # FP32; 1 = off
     seed: int | None = None  # INT64; same seed and inputs give the same text
     ignore_eos: bool | None = None  # BOOL; keep generating past EOS (benchmarks)
+    timeout_seconds: float | None = None  # FP32; the server ends the request with "timed out" after this long
 
     def given(self) -> dict[str, Any]:
         """The settings to send, by input name, in the field order above."""
@@ -61,6 +62,7 @@ SETTING_DTYPES: dict[str, tuple[str, Any]] = {
     "top_p": ("FP32", np.float32),
     "seed": ("INT64", np.int64),
     "ignore_eos": ("BOOL", np.bool_),
+    "timeout_seconds": ("FP32", np.float32),
 }
 
 
@@ -78,6 +80,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (>= 0): same seed, same text")
     parser.add_argument("--ignore-eos", action="store_true", default=None,
                         help="keep generating past the end-of-sequence token (benchmarks)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds the server may spend on the request (its input timeout_seconds); past them it "
+                             "answers with a 'timed out' error and frees the request's slot")
     parser.add_argument("--stream", action="store_true",
                         help=f"use the streaming model {STREAM_MODEL_NAME!r} and print text as it arrives")
     return parser.parse_args(argv)
@@ -85,7 +90,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def sampling_from_args(args: argparse.Namespace) -> Sampling:
     return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                    ignore_eos=args.ignore_eos)
+                    ignore_eos=args.ignore_eos, timeout_seconds=args.deadline)
 
 
 def triton_url(server_url: str) -> tuple[str, str]:

@@ -211,9 +211,12 @@ class Scheduler:
         with self._wake:
             if self._refusal is not None:
                 raise self._refusal
-            if self._max_waiting is not None and len(self._waiting) + len(sequences) > self._max_waiting:
-                raise Overloaded(f"overloaded: {len(self._waiting)} rows already wait for a decode slot and the "
-                                 f"queue holds {self._max_waiting} (--max-queue-size); retry later")
+            # Rows submitted since the last step wait for slots that may be free: only those beyond count.
+            free = sum(s is None for s in self._slots)
+            queued = max(0, len(self._waiting) - free)
+            if self._max_waiting is not None and len(self._waiting) + len(sequences) - free > self._max_waiting:
+                raise Overloaded(f"overloaded: {queued} rows already wait for a decode slot and the queue holds "
+                                 f"{self._max_waiting} (--max-queue-size); retry later")
             self._waiting.extend(sequences)
             self._wake.notify()
         return sequences

@@ -87,6 +87,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--health-file", default=None,
                         help="multi-node workers touch this file every second while ready and in a healthy group "
                              "(Kubernetes probes check its age; rank 0 has Triton's health endpoints)")
+    parser.add_argument("--coordinator-bind-address", default=None,
+                        help="address rank 0's JAX coordinator binds to, on the port of --head-url (multi-node only; "
+                             "default: jax's own, every interface, [::])")
+    parser.add_argument("--access-token", default=os.environ.get("OPT_SERVER_ACCESS_TOKEN") or None,
+                        help="token that Triton's restricted endpoints (PyTriton's list: shared memory, model "
+                             "repository, statistics, trace, logging) require in the header triton-access-token; "
+                             "default: the environment variable OPT_SERVER_ACCESS_TOKEN, else a random token that is "
+                             "never shown. Prefer the variable: a flag's value shows in ps")
     parser.add_argument("--verbose", action="store_true", help="debug logging, Triton's included")
     args = parser.parse_args(argv)
     if not 0 <= args.rank < args.number_of_nodes:
@@ -107,6 +115,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--exit-timeout must be >= 0 seconds, got {args.exit_timeout}")
     if args.number_of_nodes > 1 and not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", args.head_url):
         parser.error(f"--head-url must be host:port, got {args.head_url!r}")
+    if (args.coordinator_bind_address or "").count(":") == 1:  # IPv6 addresses have two or more
+        parser.error("--coordinator-bind-address takes an address alone: the port is the one of --head-url")
+    if args.access_token is not None and not re.fullmatch(r"[\w.~+/-]{16,}", args.access_token, flags=re.ASCII):
+        parser.error("--access-token (or OPT_SERVER_ACCESS_TOKEN) must be 16 or more of A-Z a-z 0-9 . _ ~ + / -, "
+                     "e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
     return args
 
 
@@ -375,7 +388,19 @@ def submit_or_refuse(scheduler: Any, rows: Sequence[Row], on_token: Callable[[in
         raise PyTritonBadParameterError(str(error)) from None
 
 
-def make_infer_fn(scheduler: Any, parser: RequestParser):
+def cancel_when_gone(cancels: Any, request: Any, scheduler: Any, sequences: Sequence[Any]) -> Callable[[], None]:
+    """Ends the request's rows, freeing their slots, once Triton reports its client gone; returns the unwatch."""
+    import cancellation
+    import engine
+
+    def cancel() -> None:
+        for sequence in sequences:
+            scheduler.cancel(sequence, engine.Cancelled("cancelled: the client closed the request"))
+
+    return cancels.watch(cancellation.cancel_key(request), cancel)
+
+
+def make_infer_fn(scheduler: Any, parser: RequestParser, cancels: Any):
     """The callable of model `OPT` (one request at a time per model instance): prompt + generated text."""
 
     async def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
@@ -383,14 +408,18 @@ def make_infer_fn(scheduler: Any, parser: RequestParser):
         for request in requests:  # Triton passes one request at a time: the model has no dynamic batcher
             rows = rows_or_reject(parser, request)
             sequences = submit_or_refuse(scheduler, rows)
-            tokens = await asyncio.gather(*(asyncio.wrap_future(s.future) for s in sequences))
+            unwatch = cancel_when_gone(cancels, request, scheduler, sequences)
+            try:
+                tokens = await asyncio.gather(*(asyncio.wrap_future(s.future) for s in sequences))
+            finally:
+                unwatch()
             responses.append(bytes_output([row.prompt + parser.tokenizer.decode(t) for row, t in zip(rows, tokens)]))
         return responses
 
     return infer
 
 
-def make_stream_fn(scheduler: Any, parser: RequestParser):
+def make_stream_fn(scheduler: Any, parser: RequestParser, cancels: Any):
     """The callable of the decoupled model `OPT_stream`: one response per new piece of text, then the end.
 
     It is a coroutine generator, so PyTriton's event loop serves any number of streams at once; the
@@ -408,18 +437,22 @@ def make_stream_fn(scheduler: Any, parser: RequestParser):
         tokens: asyncio.Queue[int | None] = asyncio.Queue()
         (sequence,) = submit_or_refuse(scheduler, rows, lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t))
         sequence.future.add_done_callback(lambda _: call_soon_if_open(loop, tokens.put_nowait, None))
-        text = TextStream(parser.tokenizer)
-        ended = False
-        while not ended:
-            # Whatever tokens came meanwhile make one piece: a loop that falls behind sends fewer responses.
-            batch = [await tokens.get()]
-            while not tokens.empty():
-                batch.append(tokens.get_nowait())
-            ended = batch[-1] is None
-            if piece := "".join(text.push(t) for t in batch if t is not None):
-                yield [bytes_output([piece])]
-        sequence.future.result()  # raises the engine's error, if any
-        yield [bytes_output([text.finish()])]
+        unwatch = cancel_when_gone(cancels, requests[0], scheduler, [sequence])
+        try:
+            text = TextStream(parser.tokenizer)
+            ended = False
+            while not ended:
+                # Whatever tokens came meanwhile make one piece: a loop that falls behind sends fewer responses.
+                batch = [await tokens.get()]
+                while not tokens.empty():
+                    batch.append(tokens.get_nowait())
+                ended = batch[-1] is None
+                if piece := "".join(text.push(t) for t in batch if t is not None):
+                    yield [bytes_output([piece])]
+            sequence.future.result()  # raises the engine's error, if any
+            yield [bytes_output([text.finish()])]
+        finally:
+            unwatch()
 
     return stream
 
@@ -794,11 +827,16 @@ def join_group(args: argparse.Namespace, stop: threading.Event) -> Group:
 def _initialize_distributed(args: argparse.Namespace, failures: list[BaseException]) -> None:
     import jax
 
+    bind = None  # jax's default: every interface ([::]) at the port of --head-url
+    if args.coordinator_bind_address:
+        host = args.coordinator_bind_address
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        bind = f"{host}:{args.head_url.rsplit(':', 1)[1]}"
     try:
         jax.distributed.initialize(
             coordinator_address=args.head_url, num_processes=args.number_of_nodes, process_id=args.rank,
             local_device_ids=list(range(args.number_of_gpus)),
-            initialization_timeout=int(args.join_timeout) + JOIN_GRACE_S,
+            initialization_timeout=int(args.join_timeout) + JOIN_GRACE_S, coordinator_bind_address=bind,
         )
     except BaseException as error:
         failures.append(error)
@@ -916,8 +954,8 @@ TRITON_START_ATTEMPTS = 3
 
 
 def serve(args: argparse.Namespace, runner: Any, config: Any, stop: threading.Event, group: Group | None) -> int:
-    """Rank 0: binds the Triton models and serves until SIGTERM/SIGINT, Triton's death or a lost peer."""
-    import engine
+    """Rank 0: binds the Triton models and serves until SIGTERM/SIGINT (a drain), Triton's death or a lost peer."""
+    import cancellation
     import opt_utils
 
     tokenizer = opt_utils.load_tokenizer(args.model_name, args.tokenizer, args.cache_dir, config)
@@ -927,38 +965,66 @@ def serve(args: argparse.Namespace, runner: Any, config: Any, stop: threading.Ev
     metrics = PrometheusMetrics(runner.shapes.slots)
     if args.generation_metrics_port:
         metrics.serve(args.generation_metrics_port, args.bind_address)
-    scheduler = engine.Scheduler(runner, eos_id=config.eos_token_id, one_batch_at_a_time=args.one_batch_at_a_time,
-                                 publish=group.channel.send if group else lambda plan: None, metrics=metrics,
-                                 max_waiting=args.max_queue_size)
-    scheduler_stop = threading.Event()
-    scheduler_thread = threading.Thread(target=scheduler.run, args=(scheduler_stop,), name="engine", daemon=True)
-    scheduler_thread.start()
+    engine_thread = EngineThread.start(args, runner, config, group, metrics)
     parser = RequestParser(tokenizer, config.max_position_embeddings, config.vocab_size,
                            max_timeout=args.request_timeout or None)
-    serving.set()  # from here a signal lets Triton stop cleanly instead of interrupting it
+    serving.set()  # from here a signal drains instead of interrupting
     reaper = start_reaper()
-    triton = start_triton(args, make_infer_fn(scheduler, parser), make_stream_fn(scheduler, parser))
-    LOGGER.info("serving %s as Triton models %r and %r on http :%d, grpc :%d, metrics :%d; generation metrics :%s; "
-                "%s", args.model_name, MODEL_NAME, STREAM_MODEL_NAME, args.http_port, args.grpc_port,
-                args.metrics_port, args.generation_metrics_port or "off",
-                "one batch at a time" if args.one_batch_at_a_time else f"{args.decode_slots} decode slots")
-    problem = wait_for_stop(triton, scheduler, stop, group)
-    if problem:  # nothing more will finish: fail what waits before Triton's stop waits for it
-        LOGGER.error("stopping: %s", problem)
-        scheduler.abort(GroupError(problem))
-        if group:
-            group.monitor.leave(problem, failed=True)
-    else:
-        drain(scheduler, args.exit_timeout)
-    scheduler_stop.set()
-    scheduler_thread.join(timeout=2 if problem else 60)
-    if group and not problem:
-        group.channel.send(None)  # after the engine's last step: the workers stop while Triton stops
-    reaper.kill()
-    reaper.wait()
-    stop_triton(triton)
+    cancellation.install_stub_model()
+    cancels = cancellation.CancelListener()  # before Triton starts: its stubs inherit the socket's path
+    try:
+        scheduler = engine_thread.scheduler
+        triton = start_triton(args, make_infer_fn(scheduler, parser, cancels),
+                              make_stream_fn(scheduler, parser, cancels))
+        LOGGER.info("serving %s as Triton models %r and %r on http :%d, grpc :%d, metrics :%d; generation metrics "
+                    ":%s; %s", args.model_name, MODEL_NAME, STREAM_MODEL_NAME, args.http_port, args.grpc_port,
+                    args.metrics_port, args.generation_metrics_port or "off",
+                    "one batch at a time" if args.one_batch_at_a_time else f"{args.decode_slots} decode slots")
+        problem = wait_for_stop(triton, scheduler, stop, group)
+        if problem:  # nothing more will finish: fail what waits before Triton's stop waits for it
+            LOGGER.error("stopping: %s", problem)
+            scheduler.abort(GroupError(problem))
+            if group:
+                group.monitor.leave(problem, failed=True)
+        else:
+            drain(scheduler, args.exit_timeout)
+        engine_thread.stop(timeout=2 if problem else 60)
+        if group and not problem:
+            group.channel.send(None)  # after the engine's last step: the workers stop while Triton stops
+        reaper.kill()
+        reaper.wait()
+        stop_triton(triton)
+    finally:
+        cancels.close()
     LOGGER.info("stopped")
     return 1 if problem else 0
+
+
+@dataclasses.dataclass
+class EngineThread:
+    """Rank 0's scheduler, stepping in a thread of its own."""
+
+    scheduler: Any  # engine.Scheduler
+    thread: threading.Thread
+    stopping: threading.Event
+
+    @classmethod
+    def start(cls, args: argparse.Namespace, runner: Any, config: Any, group: Group | None,
+              metrics: PrometheusMetrics) -> "EngineThread":
+        import engine
+
+        scheduler = engine.Scheduler(runner, eos_id=config.eos_token_id, one_batch_at_a_time=args.one_batch_at_a_time,
+                                     publish=group.channel.send if group else lambda plan: None, metrics=metrics,
+                                     max_waiting=args.max_queue_size)
+        stopping = threading.Event()
+        thread = threading.Thread(target=scheduler.run, args=(stopping,), name="engine", daemon=True)
+        thread.start()
+        return cls(scheduler, thread, stopping)
+
+    def stop(self, timeout: float) -> None:
+        """Returns once the scheduler ran its last step (it finishes what it holds first), or after `timeout`."""
+        self.stopping.set()
+        self.thread.join(timeout)
 
 
 DRAIN_HANDOVER_S = 1.0  # after the engine's last token: time for the callables to hand their responses to Triton
@@ -996,7 +1062,7 @@ def start_triton(args: argparse.Namespace, infer: Any, stream: Any) -> Any:
     on a loaded machine the others can time out or be refused, and the load fails as a whole.
     """
     from pytriton.model_config import ModelConfig, Tensor
-    from pytriton.triton import Triton, TritonConfig
+    from pytriton.triton import TRITON_ACCESS_HEADER, Triton, TritonConfig, TritonSecurityConfig
 
     triton_config = TritonConfig(
         http_address=args.bind_address, http_port=args.http_port,
@@ -1004,11 +1070,16 @@ def start_triton(args: argparse.Namespace, infer: Any, stream: Any) -> Any:
         metrics_address=args.bind_address, metrics_port=args.metrics_port,
         exit_timeout_secs=args.exit_timeout, log_verbose=1 if args.verbose else 0,
     )
+    # PyTriton's restricted endpoints stay protected; an empty token would lift the protection, so it means "random".
+    security = TritonSecurityConfig(access_token=args.access_token or None)
+    LOGGER.info("Triton's restricted endpoints (%s) require the header %s: %s",
+                ", ".join(security.restricted_endpoints), TRITON_ACCESS_HEADER,
+                "the token given" if args.access_token else "a random token, not printed")
     inputs = [Tensor(name="input", dtype=bytes, shape=(1,)), Tensor(name="output_length", dtype=np.int64, shape=(1,)),
               *(Tensor(name=o.name, dtype=o.dtype, shape=(1,), optional=True) for o in optional_inputs(0))]
     outputs = [Tensor(name="output", dtype=bytes, shape=(1,))]
     for attempt in range(1, TRITON_START_ATTEMPTS + 1):
-        triton = Triton(config=triton_config)
+        triton = Triton(config=triton_config, security_config=security)
         try:
             triton.bind(model_name=MODEL_NAME, infer_func=[infer] * args.model_instances, inputs=inputs,
                         outputs=outputs, config=ModelConfig(max_batch_size=args.max_batch_size, batcher=None),

@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 import client
 from client import Sampling
 
-ALL_SETTINGS = Sampling(temperature=0.7, top_k=40, top_p=0.9, seed=123, ignore_eos=True)
+ALL_SETTINGS = Sampling(temperature=0.7, top_k=40, top_p=0.9, seed=123, ignore_eos=True, timeout_seconds=2.5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -42,7 +42,7 @@ def test_defaults_send_no_setting_and_do_not_stream():
 
 def test_every_setting_flag_is_parsed_with_its_type():
     args = client.parse_args(["--temperature", "0.7", "--top-k", "40", "--top-p", "0.9", "--seed", "123",
-                              "--ignore-eos", "--stream"])
+                              "--ignore-eos", "--deadline", "2.5", "--stream"])
     assert client.sampling_from_args(args) == ALL_SETTINGS
     assert args.stream
 
@@ -105,13 +105,13 @@ def test_every_setting_becomes_a_batch_by_one_input_of_its_datatype(module: Any)
     assert [(i.name(), i.datatype(), list(i.shape())) for i in inputs] == [
         ("input", "BYTES", [2, 1]), ("output_length", "INT64", [2, 1]), ("temperature", "FP32", [2, 1]),
         ("top_k", "INT32", [2, 1]), ("top_p", "FP32", [2, 1]), ("seed", "INT64", [2, 1]),
-        ("ignore_eos", "BOOL", [2, 1])]
+        ("ignore_eos", "BOOL", [2, 1]), ("timeout_seconds", "FP32", [2, 1])]
 
 
 def test_settings_are_repeated_on_every_row_with_numpy_dtypes_that_match():
     inputs = {i.name: i for i in client.request_inputs(RECORDING, [b"x", b"y"], [7, 8], sampling=ALL_SETTINGS)}
     expected = {"temperature": (np.float32, 0.7), "top_k": (np.int32, 40), "top_p": (np.float32, 0.9),
-                "seed": (np.int64, 123), "ignore_eos": (np.bool_, True)}
+                "seed": (np.int64, 123), "ignore_eos": (np.bool_, True), "timeout_seconds": (np.float32, 2.5)}
     for name, (dtype, value) in expected.items():
         array = inputs[name].array
         assert array.dtype == dtype and array.shape == (2, 1), name

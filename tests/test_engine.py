@@ -353,16 +353,18 @@ def test_a_full_queue_refuses_a_request_at_once_and_takes_it_again_once_there_is
     from engine import Overloaded
 
     engine, _ = scheduler(runner, max_waiting=3)
-    first = engine.submit_all([Request(prompt(10 * i, 2), 2) for i in range(3)])
+    # Four rows for the four free slots and three for the queue: all taken before any step.
+    first = engine.submit_all([Request(prompt(10 * i, 2), 30) for i in range(7)])
     with pytest.raises(Overloaded, match=r"overloaded: 3 rows already wait .* queue holds 3 \(--max-queue-size\)"):
         engine.submit(Request(prompt(1, 2), 2))
+    engine.step()  # four go into slots; three still wait
     with pytest.raises(Overloaded):  # all rows of a request or none
         engine.submit_all([Request(prompt(1, 2), 2)] * 2)
-    assert engine.in_flight == 3
-    engine.step()  # the three go into slots: the queue is empty again
-    again = engine.submit_all([Request(prompt(1, 2), 2)] * 3)
-    run_until_done(engine, [*first, *again])
-    assert all(len(s.future.result()) == 2 for s in [*first, *again])
+    assert engine.in_flight == 7
+    run_until_done(engine, first)
+    again = engine.submit_all([Request(prompt(1, 2), 2)] * 7)
+    run_until_done(engine, again)
+    assert all(len(s.future.result()) == n for s, n in [*((s, 30) for s in first), *((s, 2) for s in again)])
 
 
 def test_a_drain_refuses_new_requests_finishes_those_in_flight_and_cancel_all_ends_the_rest(runner: SlotRunner,

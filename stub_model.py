@@ -1,0 +1,163 @@
+"""The `model.py` of our Triton Python-backend stubs: PyTriton's own proxy model, plus cancellation reports.
+
+Not imported by the server: `cancellation.install_stub_model()` copies this file into each model's version
+folder as `model.py`, next to PyTriton's original renamed `pytriton_model.py`. The Python backend imports
+the version folder as a package (`1.model`), so the relative import below finds PyTriton's file, whose
+own relative imports find its siblings.
+
+PyTriton 0.7 never asks Triton whether a request was cancelled (a gRPC client that stops its stream), so
+the callable would generate for nobody. When $OPT_CANCEL_SOCKET is set, each PyTriton Request gets a
+parameter naming its triton request, and a thread polls the in-flight triton requests' `is_cancelled()`,
+sending each cancelled one's key as one datagram to that Unix socket (the server listens there).
+Without the variable this is PyTriton's model, unchanged.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import socket
+import threading
+from typing import Any, Callable
+
+import triton_python_backend_utils as pb_utils  # type: ignore  # only exists inside the stub
+
+from . import pytriton_model  # type: ignore  # PyTriton's proxy/model.py, unchanged
+
+CANCEL_KEY_PARAMETER = "opt_cancel_key"  # keep equal to cancellation.CANCEL_KEY_PARAMETER
+CANCEL_SOCKET_ENV = "OPT_CANCEL_SOCKET"  # keep equal to cancellation.CANCEL_SOCKET_ENV
+POLL_INTERVAL_S = 0.25
+POLLER_JOIN_S = 2.0
+
+_REPORT_TO = os.environ.get(CANCEL_SOCKET_ENV)  # the server sets it before Triton starts; stubs inherit it
+_counter = itertools.count(1)  # next() is atomic under the GIL: keys stay unique across threads
+
+# Once a request's final response is sent, Triton frees what is_cancelled() reads (the response factory).
+# So is_cancelled() is only called under this lock, on requests not yet `_closing`, and a requests_id
+# joins `_closing` under it before PyTriton sends the final response or lets execute() return.
+_lock = threading.Lock()
+_keys: dict[int, tuple[Any, str]] = {}  # id(triton request) -> (the request, its key); the reference pins the id
+_closing: set[bytes] = set()  # PyTriton requests_ids whose final responses may be on their way
+
+
+def _wrap_request_with_key(original: Callable[..., Any]) -> Callable[..., Any]:
+    """PyTriton's request wrapping, then our key in the parameters, replacing whatever a client sent there."""
+    @functools.wraps(original)
+    def wrap_request(self: Any, triton_request: Any, inputs: Any, span: Any = None) -> Any:
+        request = original(self, triton_request, inputs, span)
+        key = f"{os.getpid()}-{next(_counter)}"
+        request.parameters = {**(request.parameters or {}), CANCEL_KEY_PARAMETER: key}
+        with _lock:
+            _keys[id(triton_request)] = (triton_request, key)
+        return request
+
+    return wrap_request
+
+
+class _MarkFinal:
+    """The responses queue PyTriton's handlers read, marking the requests closing when the last item comes."""
+
+    def __init__(self, queue: Any, requests_id: bytes):
+        self._queue = queue
+        self._requests_id = requests_id
+
+    async def get(self) -> Any:
+        item = await self._queue.get()
+        flags, _ = item
+        if flags & pytriton_model.PyTritonResponseFlags.EOS:
+            with _lock:  # waits out an is_cancelled() in progress on these requests
+                _closing.add(self._requests_id)
+        return item
+
+    def task_done(self) -> None:
+        self._queue.task_done()
+
+
+def _marking_final(handle_responses: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(handle_responses)
+    async def wrapper(self: Any, scope: dict[str, Any], responses_queue: Any, responses_future: Any) -> Any:
+        return await handle_responses(self, scope, _MarkFinal(responses_queue, scope["requests_id"]),
+                                      responses_future)
+
+    return wrapper
+
+
+def _in_flight(model: pytriton_model.TritonPythonModel) -> list[tuple[bytes, Any, str]]:
+    """(requests_id, triton request, key) of each wrapped request in flight; forgets finished ones.
+
+    Under the lock: a key is registered after its request entered PyTriton's map, so a known key missing
+    from this copy of the map is finished, never one just starting.
+    """
+    with _lock:
+        batches = list((model._requests or {}).items())
+        alive = {id(request) for _, requests in batches for request in requests}
+        for request_id in [i for i in _keys if i not in alive]:
+            del _keys[request_id]
+        _closing.intersection_update(requests_id for requests_id, _ in batches)
+        return [(requests_id, request, _keys[id(request)][1])
+                for requests_id, requests in batches for request in requests if id(request) in _keys]
+
+
+def _is_cancelled(requests_id: bytes, request: Any) -> bool:
+    with _lock:
+        return requests_id not in _closing and request.is_cancelled()
+
+
+def _report_cancellations(model: pytriton_model.TritonPythonModel, path: str, stop: threading.Event) -> None:
+    """The poller: never raises, never blocks on the listener (a full socket drops the report)."""
+    reported: set[str] = set()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        while not stop.wait(POLL_INTERVAL_S):
+            try:
+                in_flight = _in_flight(model)
+                reported.intersection_update(key for _, _, key in in_flight)
+                for requests_id, request, key in in_flight:
+                    if key not in reported and _is_cancelled(requests_id, request):
+                        reported.add(key)
+                        _send(sock, key, path)
+            except Exception as error:
+                pb_utils.Logger.log_warn(f"cancellation poll failed: {error!r}")
+
+
+def _send(sock: socket.socket, key: str, path: str) -> None:
+    """One datagram per key; a listener that is gone or full costs this one report, never the poller."""
+    try:
+        sock.sendto(key.encode(), path)
+    except OSError as error:
+        pb_utils.Logger.log_warn(f"cancellation of {key} not reported to {path}: {error!r}")
+
+
+if _REPORT_TO:
+    pytriton_model.TritonRequestsServer._wrap_request = _wrap_request_with_key(
+        pytriton_model.TritonRequestsServer._wrap_request)
+    for _handler in (pytriton_model.BatchResponsesHandler, pytriton_model.DecoupledResponsesHandler):
+        _handler.handle_responses = _marking_final(_handler.handle_responses)
+
+
+class TritonPythonModel(pytriton_model.TritonPythonModel):
+    """PyTriton's proxy model with a cancellation poller beside it."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        self._cancel_stop = threading.Event()
+        self._cancel_poller: threading.Thread | None = None
+        super().initialize(args)
+        if _REPORT_TO:
+            self._cancel_poller = threading.Thread(target=_report_cancellations, name="opt-cancel-poller",
+                                                   args=(self, _REPORT_TO, self._cancel_stop), daemon=True)
+            self._cancel_poller.start()
+
+    def execute(self, triton_requests: list[Any]) -> Any:
+        try:
+            return super().execute(triton_requests)
+        except Exception:
+            # PyTriton may leave these in its map while Triton answers them with the error and frees them
+            with _lock:
+                _closing.update(i for i, r in list(self._requests.items()) if r is triton_requests)
+            raise
+
+    def finalize(self) -> None:
+        self._cancel_stop.set()
+        if self._cancel_poller is not None:  # before PyTriton's shutdown answers what is left
+            self._cancel_poller.join(POLLER_JOIN_S)
+        super().finalize()

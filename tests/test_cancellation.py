@@ -1,0 +1,322 @@
+"""Cancellation reaches the callable: the listener alone, then a real Triton through PyTriton and real clients.
+
+The Triton tests bind two tiny models of their own (not server.py's): `ticker`, decoupled, streams a count
+every 50 ms; `slow`, not decoupled, answers after 10 s. Each callable watches its request's key and stops
+when the listener calls back, recording what it saw.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import http.client
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+import cancellation
+from cancellation import CANCEL_KEY_PARAMETER, CancelListener, cancel_key
+from tests.serving import free_ports
+
+TICK_S = 0.05
+NOTICE_S = 3.0  # the stub polls every 0.25 s: a cancel must reach the callable well within this
+
+
+def send(path: str, key: str) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(key.encode(), path)
+
+
+def flushed(listener: CancelListener) -> None:
+    """Returns once the listener handled every datagram sent before: they are handled in order."""
+    done = threading.Event()
+    listener.watch("flush-marker", done.set)
+    send(listener.path, "flush-marker")
+    assert done.wait(5)
+
+
+@pytest.fixture
+def listener() -> Iterator[CancelListener]:
+    with CancelListener() as running:
+        yield running
+
+
+def test_a_reported_key_calls_its_own_callback_once(listener: CancelListener):
+    calls: list[str] = []
+    listener.watch("a", lambda: calls.append("a"))
+    listener.watch("b", lambda: calls.append("b"))
+    send(listener.path, "a")
+    send(listener.path, "a")
+    flushed(listener)
+    assert calls == ["a"]
+
+
+def test_unknown_keys_and_failing_callbacks_leave_the_listener_working(listener: CancelListener):
+    calls: list[str] = []
+    listener.watch("boom", lambda: 1 / 0)
+    listener.watch("a", lambda: calls.append("a"))
+    send(listener.path, "nobody-watches-this")
+    send(listener.path, "boom")
+    send(listener.path, "a")
+    flushed(listener)
+    assert calls == ["a"]
+
+
+def test_a_cancel_that_comes_before_watch_calls_back_at_once(listener: CancelListener):
+    send(listener.path, "early")
+    flushed(listener)
+    calls: list[str] = []
+    listener.watch("early", lambda: calls.append("early"))
+    assert calls == ["early"]
+
+
+def test_unwatch_stops_the_callback_and_a_none_key_watches_nothing(listener: CancelListener):
+    calls: list[str] = []
+    unwatch = listener.watch("a", lambda: calls.append("a"))
+    unwatch()
+    unwatch()
+    listener.watch(None, lambda: calls.append("none"))()
+    send(listener.path, "a")
+    flushed(listener)
+    assert calls == []
+
+
+def test_close_removes_the_socket_its_directory_and_the_environment_variable():
+    listener = CancelListener()
+    path = Path(listener.path)
+    assert path.is_socket() and os.environ[cancellation.CANCEL_SOCKET_ENV] == listener.path
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    listener.close()
+    listener.close()
+    assert not path.parent.exists() and cancellation.CANCEL_SOCKET_ENV not in os.environ
+
+
+def test_cancel_key_reads_the_stubs_parameter_and_nothing_else():
+    from pytriton.proxy.types import Request
+
+    assert cancel_key(Request(data={}, parameters={CANCEL_KEY_PARAMETER: "12-3"})) == "12-3"
+    assert cancel_key(Request(data={}, parameters={CANCEL_KEY_PARAMETER: 5})) is None
+    assert cancel_key(Request(data={}, parameters=None)) is None
+
+
+def test_a_local_model_store_gets_pytritons_model_renamed_and_ours_as_model_py(tmp_path: Path):
+    import pytriton.proxy
+    from pytriton.decorators import TritonContext
+    from pytriton.model_config import ModelConfig, Tensor
+    from pytriton.models.model import Model
+    from pytriton.utils.workspace import Workspace
+
+    cancellation.install_stub_model()
+    cancellation.install_stub_model()
+    model = Model("m", 2, lambda requests: requests, [Tensor(name="x", dtype=np.int64, shape=(1,))],
+                  [Tensor(name="y", dtype=np.int64, shape=(1,))], ModelConfig(), Workspace(tmp_path / "workspace"),
+                  TritonContext(), strict=False)
+    model.generate_model(tmp_path / "repository")
+    folder = tmp_path / "repository" / "m" / "2"
+    original = (Path(pytriton.proxy.__file__).parent / "model.py").read_bytes()
+    assert (folder / "pytriton_model.py").read_bytes() == original
+    assert (folder / "model.py").read_bytes() == cancellation.STUB_MODEL_FILE.read_bytes()
+    files = model.get_proxy_model_files()
+    assert files["file:2/pytriton_model.py"] == original
+    assert files["file:2/model.py"] == cancellation.STUB_MODEL_FILE.read_bytes()
+
+
+@dataclasses.dataclass
+class Seen:
+    """What one callable saw of its request."""
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    ticks: int = 0
+    finished: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+@dataclasses.dataclass
+class Served:
+    triton: Any
+    listener: CancelListener
+    seen: dict[str, Seen]
+    http_port: int
+    grpc_port: int
+
+
+def _outputs(key: str, count: int) -> dict[str, np.ndarray]:
+    return {"key": np.array([[key.encode()]]), "count": np.array([[count]], np.int64)}
+
+
+def make_ticker(listener: CancelListener, seen: dict[str, Seen]):
+    async def ticker(requests: list[Any]):
+        key = cancel_key(requests[0])
+        seen[key] = record = Seen()
+        unwatch = listener.watch(key, record.cancelled.set)
+        try:
+            for count in range(int(requests[0]["n"].item())):
+                if record.cancelled.is_set():
+                    return
+                record.ticks = count + 1
+                yield [_outputs(key, count)]
+                await asyncio.sleep(TICK_S)
+        finally:
+            unwatch()
+            record.finished.set()
+
+    return ticker
+
+
+def make_slow(listener: CancelListener, seen: dict[str, Seen]):
+    async def slow(requests: list[Any]) -> list[dict[str, np.ndarray]]:
+        key = cancel_key(requests[0])
+        seen[key] = record = Seen()
+        unwatch = listener.watch(key, record.cancelled.set)
+        try:
+            for record.ticks in range(1, 201):
+                if record.cancelled.is_set():
+                    break
+                await asyncio.sleep(TICK_S)
+        finally:
+            unwatch()
+            record.finished.set()
+        return [_outputs(key, record.ticks)]
+
+    return slow
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    from pytriton.model_config import ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
+    import server
+
+    server.ensure_libpython_on_path()
+    cancellation.install_stub_model()
+    listener = CancelListener()  # before Triton starts: its stubs inherit the socket's path
+    seen: dict[str, Seen] = {}
+    http_port, grpc_port, metrics_port = free_ports(3)
+    triton = Triton(config=TritonConfig(exit_timeout_secs=2, http_address="127.0.0.1", http_port=http_port,
+                                        grpc_address="127.0.0.1", grpc_port=grpc_port,
+                                        metrics_address="127.0.0.1", metrics_port=metrics_port))
+    try:
+        inputs = [Tensor(name="n", dtype=np.int64, shape=(1,))]
+        outputs = [Tensor(name="key", dtype=bytes, shape=(1,)), Tensor(name="count", dtype=np.int64, shape=(1,))]
+        triton.bind(model_name="ticker", infer_func=make_ticker(listener, seen), inputs=inputs, outputs=outputs,
+                    config=ModelConfig(decoupled=True, batcher=None, max_batch_size=1), strict=True)
+        triton.bind(model_name="slow", infer_func=make_slow(listener, seen), inputs=inputs, outputs=outputs,
+                    config=ModelConfig(batcher=None, max_batch_size=1), strict=True)
+        triton.run()
+        yield Served(triton, listener, seen, http_port, grpc_port)
+    finally:
+        server.stop_triton(triton)  # also ends leftover stubs and removes their /tmp/folder* copies
+        listener.close()
+
+
+def grpc_input(grpc: Any, n: int) -> Any:
+    tensor = grpc.InferInput("n", [1, 1], "INT64")
+    tensor.set_data_from_numpy(np.array([[n]], np.int64))
+    return tensor
+
+
+class Responses:
+    """A gRPC stream's callback that keeps the keys it received and wakes whoever waits for some."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.errors: list[str] = []
+        self._arrived = threading.Condition()
+
+    def __call__(self, result: Any, error: Any) -> None:
+        with self._arrived:
+            if error is not None:
+                self.errors.append(str(error))
+            else:
+                self.keys.append(result.as_numpy("key")[0][0].decode())
+            self._arrived.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 30) -> None:
+        with self._arrived:
+            assert self._arrived.wait_for(lambda: len(self.keys) >= count or self.errors, timeout), self.keys
+        assert not self.errors, self.errors
+
+
+def test_a_grpc_stream_stopped_with_cancel_reaches_the_decoupled_callable(served: Served):
+    import tritonclient.grpc as grpc
+
+    responses = Responses()
+    client = grpc.InferenceServerClient(f"127.0.0.1:{served.grpc_port}")
+    try:
+        client.start_stream(callback=responses)
+        # a client's own value for the key is replaced: it cannot cancel (or hide) someone else's request
+        client.async_stream_infer("ticker", [grpc_input(grpc, 1200)], parameters={CANCEL_KEY_PARAMETER: "forged"})
+        responses.wait_for(3)
+        client.stop_stream(cancel_requests=True)
+        stopped = time.monotonic()
+        key = responses.keys[0]
+        assert key != "forged"
+        record = served.seen[key]
+        assert record.cancelled.wait(NOTICE_S)
+        assert record.finished.wait(1)
+        assert time.monotonic() - stopped < NOTICE_S and record.ticks < 1200
+    finally:
+        client.close()
+
+
+def test_a_stream_that_ends_by_itself_is_never_reported_cancelled(served: Served):
+    import tritonclient.grpc as grpc
+
+    responses = Responses()
+    client = grpc.InferenceServerClient(f"127.0.0.1:{served.grpc_port}")
+    try:
+        client.start_stream(callback=responses)
+        client.async_stream_infer("ticker", [grpc_input(grpc, 3)])
+        responses.wait_for(3)
+        client.stop_stream()
+    finally:
+        client.close()
+    record = served.seen[responses.keys[0]]
+    assert record.finished.wait(5) and record.ticks == 3
+    time.sleep(4 * 0.25)  # a few of the stub's polls
+    late: list[str] = []
+    served.listener.watch(responses.keys[0], lambda: late.append("cancelled"))  # a report would be remembered
+    assert late == [] and not record.cancelled.is_set()
+
+
+def test_an_http_generate_stream_closed_by_its_client_reaches_the_decoupled_callable(served: Served):
+    connection = http.client.HTTPConnection("127.0.0.1", served.http_port, timeout=30)
+    connection.request("POST", "/v2/models/ticker/generate_stream", body=json.dumps({"n": [1200]}),
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    events = []
+    while len(events) < 3:
+        line = response.fp.readline()
+        assert line, events
+        if line.startswith(b"data:"):
+            events.append(json.loads(line[len(b"data:"):]))
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    record = served.seen[events[0]["key"]]
+    assert record.cancelled.wait(NOTICE_S)
+    assert record.finished.wait(1) and record.ticks < 1200
+
+
+def test_a_grpc_infer_past_its_deadline_reaches_the_non_decoupled_callable(served: Served):
+    import tritonclient.grpc as grpc
+    from tritonclient.utils import InferenceServerException
+
+    client = grpc.InferenceServerClient(f"127.0.0.1:{served.grpc_port}")
+    before = set(served.seen)
+    try:
+        with pytest.raises(InferenceServerException, match="Deadline"):
+            client.infer("slow", [grpc_input(grpc, 1)], client_timeout=1.0)
+    finally:
+        client.close()
+    deadline = time.monotonic()
+    while not (keys := set(served.seen) - before) and time.monotonic() < deadline + NOTICE_S:
+        time.sleep(0.05)
+    (key,) = keys
+    assert served.seen[key].cancelled.wait(NOTICE_S)
+    assert served.seen[key].ticks < 200  # it stopped long before its 10 s
