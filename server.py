@@ -378,14 +378,9 @@ def rows_or_reject(parser: RequestParser, request: Any) -> list[Row]:
 
 
 def submit_or_refuse(scheduler: Any, rows: Sequence[Row], on_token: Callable[[int], None] | None = None) -> list[Any]:
-    """Queues the rows in the engine; a full queue or a drain refuses them at once with a message saying so."""
-    import engine
-    from pytriton.exceptions import PyTritonBadParameterError
-
-    try:
-        return scheduler.submit_all([row.request for row in rows], on_token, timeouts=[row.timeout for row in rows])
-    except engine.Refused as error:
-        raise PyTritonBadParameterError(str(error)) from None
+    """Queues the rows in the engine; a full queue or a drain refuses them at once (engine.Overloaded or
+    engine.Draining, which our stub model turns into Triton's UNAVAILABLE, HTTP 503)."""
+    return scheduler.submit_all([row.request for row in rows], on_token, timeouts=[row.timeout for row in rows])
 
 
 def cancel_when_gone(cancels: Any, request: Any, scheduler: Any, sequences: Sequence[Any]) -> Callable[[], None]:
@@ -1214,16 +1209,17 @@ def work(runner: Any, group: Group, stop: threading.Event, grace: float) -> int:
     serving.set()  # from here a signal no longer interrupts: it starts a drain
     group.announce_ready()
     LOGGER.info("rank %d ready: running the steps rank 0 sends", group.rank)
-    previous, give_up = None, threading.Event()
-    while (plan := group.channel.receive(give_up if stop.is_set() else stop)) is not None:
+    previous, draining, give_up = None, False, threading.Event()
+    while (plan := group.channel.receive(give_up if draining else stop)) is not None:
         if plan is INTERRUPTED:
-            if give_up.is_set():
+            if draining:  # give_up was set
                 LOGGER.error("rank 0 did not stop the group within %g s of this rank's drain request; leaving",
                              grace + DRAIN_MARGIN_S)
                 group.monitor.leave("its drain request went unanswered", failed=False)
                 return 1
             LOGGER.info("asking rank 0 to drain the group; running its steps until it stops the group")
             group.monitor.request_drain("SIGTERM")
+            draining = True
             timer = threading.Timer(grace + DRAIN_MARGIN_S, give_up.set)
             timer.daemon = True
             timer.start()

@@ -179,7 +179,7 @@ def weight_bytes(log: str) -> tuple[dict[str, int], int, int, int]:
     return json.loads(found[1]), int(found[2]), int(found[3]), int(found[4])
 
 
-def test_three_ranks_hold_a_sixth_of_the_split_weights_each_and_a_worker_sigterm_ends_the_group(
+def test_three_ranks_hold_a_sixth_of_the_split_weights_each_and_a_worker_sigterm_drains_the_group(
     tmp_path: Path, cache_dir: Path, reference: list[str]
 ):
     with serving_group(tmp_path, cache_dir, 3, order=[0, 2, 1]) as ranks:
@@ -189,11 +189,19 @@ def test_three_ranks_hold_a_sixth_of_the_split_weights_each_and_a_worker_sigterm
             assert devices == 6 and len(held) == 2 and split > 10 * replicated
             assert all(b == replicated + split // 6 for b in held.values()), (held, split, replicated)
 
-        assert ranks[2].stop(signal.SIGTERM, timeout=30) == 0  # asked to stop: it leaves cleanly
-        assert wait_exit(ranks[0], FAULT_DEADLINE_S) == 1  # the group cannot serve without it
-        assert wait_exit(ranks[1], FAULT_DEADLINE_S) == 1
-        assert "lost rank 2: it left the group" in ranks[0].log()
-        assert "rank 0 ended the group: lost rank 2" in ranks[1].log()
+        # A worker's SIGTERM (a rolling update) drains the whole group: it cannot serve without that
+        # rank, so the stream in flight finishes, then every rank exits 0.
+        forever = client.Sampling(ignore_eos=True)
+        expected = infer(ranks[0].http_url, [MIXED_PROMPTS[0]], [40], sampling=forever)[0]
+        pieces = client.stream_pieces(ranks[0].grpc_url, MIXED_PROMPTS[0], 40, 120, forever)
+        text = [next(pieces)]
+        ranks[2].process.send_signal(signal.SIGTERM)
+        text.extend(pieces)
+        assert MIXED_PROMPTS[0] + "".join(text) == expected
+        for rank in ranks:
+            assert wait_exit(rank, FAULT_DEADLINE_S + 20) == 0, rank.log()[-3000:]
+        assert "rank 2 asked for a drain (SIGTERM): draining the group" in ranks[0].log()
+        assert "rank 0 stopped the group" in ranks[2].log()
         assert_nothing_left(ranks)
 
 
