@@ -51,9 +51,24 @@ RUN PYTRITON_WHEEL="$(find dist -name '*.whl')" ./install.sh --cuda --system
 # this is a stage of this file, not an image.)
 # hadolint ignore=DL3006
 FROM pytriton-from-${BUILD_FROM}
-COPY server.py client.py engine.py opt_utils.py modeling_flax_opt.py /opt/app/
+
+# The server runs as opt, uid and gid 1000, not as root. Ubuntu 24.04 images come with a user `ubuntu` of uid 1000,
+# removed first. What the server writes by default lies in opt's home: --cache-dir ~/.cache/opt-jax (hub downloads,
+# compiled programs) and PyTriton's workspaces in ~/.cache/pytriton; both folders exist in the image, owned by opt, so a
+# new Docker volume mounted on one of them starts out owned by opt too. The application stays root's, read-only to the
+# server. HOME is set here rather than left to the runtime, which finds it in /etc/passwd only for a uid listed there.
+RUN if user="$(getent passwd 1000)"; then userdel --remove "${user%%:*}"; fi \
+    && if group="$(getent group 1000)"; then groupdel "${group%%:*}"; fi \
+    && groupadd --gid 1000 opt \
+    && useradd --uid 1000 --gid 1000 --no-log-init --create-home --home-dir /home/opt --shell /bin/bash opt \
+    && install -d -o 1000 -g 1000 -m 0755 /home/opt/.cache /home/opt/.cache/opt-jax /home/opt/.cache/pytriton
+ENV HOME=/home/opt
+
+COPY server.py client.py engine.py opt_utils.py modeling_flax_opt.py cancellation.py stub_model.py /opt/app/
 COPY benchmarks/ /opt/app/benchmarks/
 COPY kubernetes/ /opt/app/kubernetes/
 # Triton's HTTP, gRPC and metrics ports; rank 0 also serves the JAX coordinator at the port of --head-url.
 EXPOSE 8000 8001 8002
+# Numeric, so that Kubernetes' runAsNonRoot can tell that it is not root without reading the image's /etc/passwd.
+USER 1000:1000
 CMD ["python", "server.py", "--help"]

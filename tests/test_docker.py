@@ -1,7 +1,8 @@
 """The image's recipe without building it: the Dockerfile, kubernetes/build_and_push.sh and install.sh's own checks.
 
 hadolint lints the Dockerfile and shellcheck the scripts; the Dockerfile is then read for what the image promises (a
-Python >= 3.11 base, the example's environment, install.sh for both PyTriton sources, every file the server needs).
+Python >= 3.11 base, the example's environment, install.sh for both PyTriton sources, every file the server needs, a
+numeric non-root user whose home holds the server's caches).
 build_and_push.sh runs for real, from a copy of it in a scratch repository, with a stand-in `docker` on PATH that
 records what it is asked to do. hadolint and shellcheck come from `./install.sh --test` (the venv's bin folder).
 """
@@ -175,6 +176,98 @@ def test_image_copies_every_file_the_server_and_install_sh_need() -> None:
 def test_image_by_default_prints_the_servers_usage() -> None:
     commands = [arguments for keyword, arguments in instructions() if keyword == "CMD"]
     assert [json.loads(command) for command in commands] == [["python", "server.py", "--help"]]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Who the server runs as
+# ------------------------------------------------------------------------------------------------------------------
+
+# The charts' securityContext runs the pods as this uid and gid (fsGroup too, so that a claim's cache is writable).
+IMAGE_UID = IMAGE_GID = 1000
+IMAGE_HOME = "/home/opt"
+
+
+def final_stage() -> list[tuple[str, str]]:
+    (name,) = [name for name in stages() if name.startswith("final ")]
+    return stages()[name]
+
+
+def commands(run: str) -> list[list[str]]:
+    """The simple commands of a RUN's `a && b && c`, each as its words."""
+    return [shlex.split(part) for part in run.split("&&")]
+
+
+def option(words: list[str], name: str) -> str:
+    assert words.count(name) == 1, (name, words)
+    return words[words.index(name) + 1]
+
+
+def user_creation() -> str:
+    (run,) = [run for run in runs(final_stage()) if "useradd" in run]
+    return run
+
+
+def test_image_runs_as_a_numeric_non_root_user() -> None:
+    users = [arguments for keyword, arguments in final_stage() if keyword == "USER"]
+    assert users, "the image's last stage has no USER: the server would run as root"
+    # The last USER of the whole file is the final stage's (a USER of another stage does not carry over).
+    assert users[-1] == [arguments for keyword, arguments in instructions() if keyword == "USER"][-1]
+    uid, _, gid = users[-1].partition(":")
+    # Kubernetes' runAsNonRoot refuses to start a container whose USER is a name: it cannot tell the uid.
+    assert uid.isdigit() and gid.isdigit(), f"USER {users[-1]} is not numeric uid:gid"
+    assert (int(uid), int(gid)) == (IMAGE_UID, IMAGE_GID) and int(uid) != 0
+
+
+def test_image_creates_that_user_with_a_home_holding_the_servers_default_caches() -> None:
+    import server
+
+    creation = commands(user_creation())
+    (groupadd,) = [words for words in creation if words[0] == "groupadd"]
+    (useradd,) = [words for words in creation if words[0] == "useradd"]
+    assert int(option(groupadd, "--gid")) == IMAGE_GID
+    assert (int(option(useradd, "--uid")), int(option(useradd, "--gid"))) == (IMAGE_UID, IMAGE_GID)
+    assert "--create-home" in useradd and option(useradd, "--home-dir") == IMAGE_HOME
+    env = {name: value for keyword, arguments in final_stage() if keyword == "ENV"
+           for name, value in key_values(arguments).items()}
+    assert env["HOME"] == IMAGE_HOME
+    # server.py's --cache-dir default and PyTriton's workspaces (~/.cache/pytriton) exist, owned by the user.
+    (install,) = [words for words in creation if words[0] == "install"]
+    assert (int(option(install, "-o")), int(option(install, "-g"))) == (IMAGE_UID, IMAGE_GID) and "-d" in install
+    default_cache = Path(server.DEFAULT_CACHE_DIR).relative_to(Path.home())
+    for folder in (default_cache, Path(".cache/pytriton")):
+        assert f"{IMAGE_HOME}/{folder}" in install, (folder, install)
+
+
+def test_application_files_stay_roots_and_read_only_to_the_server() -> None:
+    copies = [arguments for keyword, arguments in final_stage() if keyword == "COPY"]
+    assert copies and not [c for c in copies if "--chown" in c or "--chmod" in c], copies
+    for run in runs(final_stage()):
+        assert "/opt/app" not in run and "chown" not in run, run
+
+
+@pytest.mark.parametrize("taken", [True, False], ids=["uid-1000-is-ubuntus", "uid-1000-is-free"])
+def test_user_creation_frees_uid_1000_only_when_the_base_image_uses_it(tmp_path: Path, taken: bool) -> None:
+    """The RUN that creates the user, under sh with stand-ins for getent and the account tools."""
+    stubs, log = tmp_path / "bin", tmp_path / "calls"
+    stubs.mkdir()
+    for name in ("userdel", "groupdel", "groupadd", "useradd", "install"):
+        (stubs / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\n')
+    # Ubuntu 24.04 images have the user and group `ubuntu`, uid and gid 1000; the CUDA images keep them.
+    ubuntu = ('case "$1 $2" in\n'
+              '  "passwd 1000") echo ubuntu:x:1000:1000:Ubuntu:/home/ubuntu:/bin/bash ;;\n'
+              '  "group 1000") echo ubuntu:x:1000: ;;\n'
+              '  *) exit 2 ;;\n'
+              'esac\n')
+    (stubs / "getent").write_text("#!/bin/sh\n" + (ubuntu if taken else "exit 2\n"))  # getent: 2 for "not found"
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    result = subprocess.run(["sh", "-c", user_creation()], capture_output=True, text=True, timeout=30,
+                            env={"PATH": f"{stubs}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    removed = ["userdel --remove ubuntu", "groupdel ubuntu"] if taken else []
+    assert calls[:len(removed)] == removed, calls
+    assert [call.split()[0] for call in calls[len(removed):]] == ["groupadd", "useradd", "install"], calls
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 The real `helm` lints and renders each chart with its defaults and with the values the README's commands set, under
 several release names (the longest Helm allows included); `kubernetes-validate --strict` checks every rendered object
 against the Kubernetes API schemas; the tests then read the rendered objects for what the charts promise (GPUs,
-one pod per node, rank 0 behind the Service, the cache claim, the probes). kubernetes/multi-node/entrypoint.sh runs
+one pod per node, rank 0 behind the Service, the cache claim, the probes, the image's non-root user, a grace period
+that outlasts the server's drain, the token from a Secret). kubernetes/multi-node/entrypoint.sh runs
 under `sh` in its dry-run mode for several pods and groups, and its probe mode against a health file and a stub of
 Triton's health endpoints. helm and kubernetes-validate come from `./install.sh --test` (the venv's bin folder).
 """
@@ -190,6 +191,16 @@ def test_every_value_is_documented_where_declared_and_in_the_schema(chart: str) 
     ("test", "outputLength=abc", "outputLength: Invalid type. Expected: integer"),
     ("test", "image=", "image"),
     ("test", "serviceUrl=jax-example-service", "serviceUrl: Does not match pattern"),
+    ("single-node", "deployment.drainSeconds=abc", "deployment.drainSeconds: Invalid type. Expected: integer"),
+    ("multi-node", "statefulset.drainSeconds=-1", "statefulset.drainSeconds: Must be greater than or equal to 0"),
+    ("multi-node", "statefulset.terminationGracePeriodSeconds=1.5",
+     "statefulset.terminationGracePeriodSeconds: Invalid"),
+    ("single-node", "deployment.podSecurityContext.runAsUser=opt", "deployment.podSecurityContext.runAsUser: Invalid"),
+    ("multi-node", "statefulset.securityContext.allowPrivilegeEscalation=no",
+     "statefulset.securityContext.allowPrivilegeEscalation: Invalid type"),
+    ("single-node", "deployment.accessToken.secretName[0]=x", "deployment.accessToken.secretName: Invalid type"),
+    ("multi-node", "statefulset.accessToken.secret=x", "secret is not allowed"),
+    ("test", "podSecurityContext.runAsNonRoot=yes", "podSecurityContext.runAsNonRoot: Invalid type"),
 ])
 def test_schema_rejects_a_wrong_value_before_anything_renders(chart: str, value: str, complaint: str) -> None:
     result = helm("template", "jax-example", str(KUBERNETES / chart), "--set", value)
@@ -374,6 +385,135 @@ def test_test_charts_default_url_reaches_either_server_chart_of_the_readme(chart
     (hook,) = hook_pods(documents)  # and the chart's own helm test calls that same Service
     assert flag(hook["spec"]["containers"][0]["args"], "--server-url") == url
 
+
+# ------------------------------------------------------------------------------------------------------------------
+# Who the pods run as, how long they may drain, the token of Triton's restricted endpoints
+# ------------------------------------------------------------------------------------------------------------------
+
+SERVER_CHARTS = {"single-node": ("deployment", "Deployment"), "multi-node": ("statefulset", "StatefulSet")}
+TOKEN_VARIABLE = "OPT_SERVER_ACCESS_TOKEN"  # what server.py reads its --access-token from (tests/test_security.py)
+
+
+def image_user() -> tuple[int, int]:
+    """uid and gid of the image's last USER (numeric: tests/test_docker.py holds the Dockerfile to that)."""
+    users = re.findall(r"^USER\s+(\d+):(\d+)\s*$", (ROOT / "Dockerfile").read_text(), flags=re.MULTILINE)
+    assert users, "the Dockerfile has no numeric USER uid:gid"
+    return int(users[-1][0]), int(users[-1][1])
+
+
+def pod_spec(documents: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    return find(documents, kind)["spec"]["template"]["spec"]
+
+
+def assert_unprivileged(spec: dict[str, Any]) -> None:
+    """The pod runs as the image's user, non-root checked by the kubelet, with no privilege to gain."""
+    uid, gid = image_user()
+    context = spec["securityContext"]
+    assert context["runAsNonRoot"] is True
+    assert (context["runAsUser"], context["runAsGroup"]) == (uid, gid)
+    assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+    for container in spec["containers"]:
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False, container["name"]
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}, container["name"]
+
+
+@pytest.mark.parametrize("chart", SERVER_CHARTS)
+def test_server_and_test_pods_run_as_the_images_non_root_user_without_privileges(chart: str) -> None:
+    _, kind = SERVER_CHARTS[chart]
+    documents = render(chart, values=README_VALUES[chart])
+    server = pod_spec(documents, kind)
+    assert_unprivileged(server)
+    assert server["securityContext"]["fsGroup"] == image_user()[1]  # the cache volume, a claim too, is writable
+    (hook,) = hook_pods(documents)
+    assert_unprivileged(hook["spec"])
+
+
+def test_test_charts_client_runs_as_the_images_non_root_user_without_privileges() -> None:
+    documents = render("test", "jax-example-test", README_VALUES["test"])
+    assert_unprivileged(pod_spec(documents, "Job"))
+    (hook,) = hook_pods(documents)
+    assert_unprivileged(hook["spec"])
+
+
+@pytest.mark.parametrize("chart", SERVER_CHARTS)
+def test_security_context_fields_can_be_changed_added_or_removed(chart: str) -> None:
+    key, kind = SERVER_CHARTS[chart]
+    spec = pod_spec(render(chart, values=(f"{key}.podSecurityContext.runAsUser=2000",
+                                          f"{key}.podSecurityContext.fsGroup=null",
+                                          f"{key}.securityContext.readOnlyRootFilesystem=true")), kind)
+    assert spec["securityContext"]["runAsUser"] == 2000 and "fsGroup" not in spec["securityContext"]
+    assert spec["securityContext"]["runAsNonRoot"] is True  # the fields not named keep their defaults
+    assert spec["containers"][0]["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {
+        "drop": ["ALL"]}, "readOnlyRootFilesystem": True}
+
+
+# (values, drainSeconds, terminationGracePeriodSeconds) as rendered; {key} is deployment or statefulset.
+GRACE_CASES = {
+    "defaults": ((), 30, 60),
+    "longer-drain": (("{key}.drainSeconds=120",), 120, 150),
+    "no-drain": (("{key}.drainSeconds=0",), 0, 30),
+    "grace-set": (("{key}.terminationGracePeriodSeconds=300",), 30, 300),
+    "both-set-20-s-apart": (("{key}.drainSeconds=100", "{key}.terminationGracePeriodSeconds=120"), 100, 120),
+}
+
+
+@pytest.mark.parametrize("case", GRACE_CASES)
+@pytest.mark.parametrize("chart", SERVER_CHARTS)
+def test_grace_period_outlasts_the_servers_drain_by_20_s_or_more(chart: str, case: str) -> None:
+    key, kind = SERVER_CHARTS[chart]
+    overrides, drain, grace = GRACE_CASES[case]
+    documents = render(chart, values=README_VALUES[chart] + tuple(value.format(key=key) for value in overrides))
+    spec = pod_spec(documents, kind)
+    exit_timeout = int(flag(spec["containers"][0]["args"], "--exit-timeout"))
+    assert (exit_timeout, spec["terminationGracePeriodSeconds"]) == (drain, grace)
+    # The drain, then Triton's stop (about 10 s), then the exit: all before the kubelet's SIGKILL.
+    assert spec["terminationGracePeriodSeconds"] - exit_timeout >= 20
+
+
+@pytest.mark.parametrize(("overrides", "complaint"), [
+    (("{key}.terminationGracePeriodSeconds=40",),
+     "{key}.terminationGracePeriodSeconds=40 is too short for {key}.drainSeconds=30"),
+    (("{key}.drainSeconds=100", "{key}.terminationGracePeriodSeconds=119"),
+     "{key}.terminationGracePeriodSeconds=119 is too short for {key}.drainSeconds=100"),
+    (("{key}.extraArgs={{--dtype,bfloat16,--exit-timeout}}",),
+     "{key}.extraArgs sets --exit-timeout: set {key}.drainSeconds"),
+    (("{key}.extraArgs={{--verbose,--exit-timeout=5}}",), "{key}.extraArgs sets --exit-timeout"),
+], ids=["grace-too-short", "grace-19-s-over-the-drain", "exit-timeout-in-extra-args", "exit-timeout-equals-form"])
+@pytest.mark.parametrize("chart", SERVER_CHARTS)
+def test_chart_refuses_a_grace_period_that_the_drain_does_not_fit_in(chart: str, overrides: tuple[str, ...],
+                                                                      complaint: str) -> None:
+    key, _ = SERVER_CHARTS[chart]
+    values = [value.format(key=key) for value in overrides]
+    result = helm("template", "jax-example", str(KUBERNETES / chart), *set_flags(values))
+    assert result.returncode != 0, f"{values} rendered:\n{result.stdout}"
+    assert complaint.format(key=key) in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("chart", SERVER_CHARTS)
+def test_access_token_comes_from_the_named_secret_into_the_servers_environment(chart: str) -> None:
+    key, kind = SERVER_CHARTS[chart]
+    default = server_container(render(chart, values=README_VALUES[chart]), kind)
+    assert TOKEN_VARIABLE not in [e["name"] for e in default["env"]]  # the server makes a random one
+    documents = render(chart, values=README_VALUES[chart] + (f"{key}.accessToken.secretName=opt-triton-token",
+                                                             f"{key}.accessToken.secretKey=access-token"))
+    container = server_container(documents, kind)
+    (variable,) = [e for e in container["env"] if e["name"] == TOKEN_VARIABLE]
+    assert variable["valueFrom"] == {"secretKeyRef": {"name": "opt-triton-token", "key": "access-token"}}
+    assert "--access-token" not in container["args"]  # a flag's value would show in ps
+    (hook,) = hook_pods(documents)  # the client's requests (inference, health) are not restricted
+    assert TOKEN_VARIABLE not in [e["name"] for e in hook["spec"]["containers"][0]["env"]]
+
+
+@pytest.mark.parametrize("chart", SERVER_CHARTS)
+def test_rendered_objects_with_a_token_secret_a_drain_and_changed_contexts_are_valid(chart: str,
+                                                                                     tmp_path: Path) -> None:
+    key, _ = SERVER_CHARTS[chart]
+    values = README_VALUES[chart] + (f"{key}.accessToken.secretName=opt-triton-token", f"{key}.drainSeconds=90",
+                                     f"{key}.podSecurityContext.fsGroup=null",
+                                     f"{key}.securityContext.readOnlyRootFilesystem=true")
+    path = tmp_path / "rendered.yaml"
+    path.write_text(render_text(chart, "jax-example", values))
+    validate([path])
 
 # ------------------------------------------------------------------------------------------------------------------
 # entrypoint.sh

@@ -107,3 +107,32 @@ The exec probe of a rank: entrypoint.sh probe live|ready (the argument), the sam
 exec:
   command: [sh, {{ include "multi-node.scriptDir" .root }}/entrypoint.sh, probe, {{ .kind }}]
 {{- end }}
+
+{{/*
+Seconds from SIGTERM to SIGKILL. On SIGTERM the server takes no new requests, lets those in flight finish for up to
+statefulset.drainSeconds (its --exit-timeout), then stops Triton (about 10 s) and exits 0. So the grace period is
+statefulset.terminationGracePeriodSeconds when set, which must exceed drainSeconds by 20 s or more (the chart refuses
+less), else drainSeconds + 30.
+*/}}
+{{- define "multi-node.terminationGracePeriodSeconds" -}}
+{{- $drain := int .Values.statefulset.drainSeconds }}
+{{- $grace := .Values.statefulset.terminationGracePeriodSeconds }}
+{{- if kindIs "invalid" $grace }}
+{{- add $drain 30 }}
+{{- else if lt (int $grace) (add $drain 20) }}
+{{- fail (printf "statefulset.terminationGracePeriodSeconds=%d is too short for statefulset.drainSeconds=%d: the server drains for drainSeconds, then stops Triton (about 10 s), so give at least drainSeconds + 20, or leave it unset (null) for drainSeconds + 30" (int $grace) $drain) }}
+{{- else }}
+{{- int $grace }}
+{{- end }}
+{{- end }}
+
+{{/*
+The server's --exit-timeout comes from statefulset.drainSeconds only, so that the grace period above follows it.
+*/}}
+{{- define "multi-node.checkExtraArgs" -}}
+{{- range .Values.statefulset.extraArgs }}
+{{- if regexMatch "^--exit-timeout(=.*)?$" . }}
+{{- fail "statefulset.extraArgs sets --exit-timeout: set statefulset.drainSeconds instead, which the termination grace period follows" }}
+{{- end }}
+{{- end }}
+{{- end }}

@@ -75,3 +75,32 @@ Container resources: deployment.resources with the nvidia.com/gpu limit set to d
 {{- $_ := set $resources "limits" $limits }}
 {{- toYaml $resources }}
 {{- end }}
+
+{{/*
+Seconds from SIGTERM to SIGKILL. On SIGTERM the server takes no new requests, lets those in flight finish for up to
+deployment.drainSeconds (its --exit-timeout), then stops Triton (about 10 s) and exits 0. So the grace period is
+deployment.terminationGracePeriodSeconds when set, which must exceed drainSeconds by 20 s or more (the chart refuses
+less), else drainSeconds + 30.
+*/}}
+{{- define "single-node.terminationGracePeriodSeconds" -}}
+{{- $drain := int .Values.deployment.drainSeconds }}
+{{- $grace := .Values.deployment.terminationGracePeriodSeconds }}
+{{- if kindIs "invalid" $grace }}
+{{- add $drain 30 }}
+{{- else if lt (int $grace) (add $drain 20) }}
+{{- fail (printf "deployment.terminationGracePeriodSeconds=%d is too short for deployment.drainSeconds=%d: the server drains for drainSeconds, then stops Triton (about 10 s), so give at least drainSeconds + 20, or leave it unset (null) for drainSeconds + 30" (int $grace) $drain) }}
+{{- else }}
+{{- int $grace }}
+{{- end }}
+{{- end }}
+
+{{/*
+The server's --exit-timeout comes from deployment.drainSeconds only, so that the grace period above follows it.
+*/}}
+{{- define "single-node.checkExtraArgs" -}}
+{{- range .Values.deployment.extraArgs }}
+{{- if regexMatch "^--exit-timeout(=.*)?$" . }}
+{{- fail "deployment.extraArgs sets --exit-timeout: set deployment.drainSeconds instead, which the termination grace period follows" }}
+{{- end }}
+{{- end }}
+{{- end }}
