@@ -151,8 +151,8 @@ def wait_ready(server: ServerProcess, timeout: float = 300) -> None:
         while time.monotonic() < deadline:
             if server.process.poll() is not None:
                 raise AssertionError(f"server exited with {server.process.returncode}:\n{server.log()[-5000:]}")
-            try:
-                if client.is_model_ready("OPT"):
+            try:  # OPT_stream loads a moment after OPT: a test may use either
+                if client.is_model_ready("OPT") and client.is_model_ready("OPT_stream"):
                     return
             except Exception:
                 pass

@@ -239,7 +239,7 @@ def test_single_node_readme_values_give_one_gpu_and_the_image() -> None:
 def test_single_node_probes_ask_triton_and_allow_a_long_start() -> None:
     container = server_container(render("single-node"), "Deployment")
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/models/OPT_stream/ready", "port": "http"}
     startup = container["startupProbe"]
     assert startup["httpGet"]["path"] == "/v2/health/live"
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800  # download, load and compile take minutes
@@ -662,7 +662,7 @@ class TritonHealth(http.server.BaseHTTPRequestHandler):
     """Triton's health endpoints while the server is live but not ready: live 200, ready 400."""
 
     def do_GET(self) -> None:  # noqa: N802 (the handler's API)
-        self.send_response({"/v2/health/live": 200, "/v2/health/ready": 400}.get(self.path, 404))
+        self.send_response({"/v2/health/live": 200, "/v2/models/OPT_stream/ready": 400}.get(self.path, 404))
         self.end_headers()
 
     def log_message(self, *args: Any) -> None:
@@ -686,7 +686,7 @@ def test_rank_0_probe_asks_tritons_health_endpoints(triton_health: int, tmp_path
     common = {"pod": "x-0", "OPT_HTTP_PORT": str(triton_health), "OPT_HEALTH_FILE": str(health)}
     assert entrypoint("probe", "live", **common).returncode == 0
     result = entrypoint("probe", "ready", **common)
-    assert result.returncode == 1 and "/v2/health/ready" in result.stderr and "400" in result.stderr, result.stderr
+    assert result.returncode == 1 and "/v2/models/OPT_stream/ready" in result.stderr and "400" in result.stderr, result.stderr
 
 
 def test_rank_0_probe_fails_when_triton_does_not_answer() -> None:

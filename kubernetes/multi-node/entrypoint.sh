@@ -9,7 +9,7 @@
 # <statefulset>-0.<headless service>.<namespace>.svc.<cluster domain>:<port> (the headless Service publishes every
 # pod's address before it is ready, so the ranks can find each other while they start).
 #
-# Probes: rank 0 asks Triton (GET /v2/health/live or /v2/health/ready on 127.0.0.1), which reports ready only once
+# Probes: rank 0 asks Triton (GET /v2/health/live or /v2/models/OPT_stream/ready on 127.0.0.1), which reports ready only once
 # every rank has joined, loaded and compiled. A worker has no HTTP port: server.py touches the health file every
 # second while the worker is ready and its group is whole, so a file older than OPT_HEALTH_MAX_AGE fails both.
 #
@@ -96,6 +96,12 @@ serve() {
     exec "$@"
 }
 
+# Triton's path for a probe: ready is the last model to load (/v2/health/ready can read ready for a moment before
+# any model is).
+ready_path() {
+    if [ "$1" = ready ]; then echo v2/models/OPT_stream/ready; else echo v2/health/live; fi
+}
+
 probe() {
     case ${1:-} in
         live | ready) ;;
@@ -110,7 +116,7 @@ try:
     urllib.request.urlopen(url, timeout=5).close()
 except Exception as error:  # HTTPError (not ready: 400) or no answer at all
     sys.exit(f"{url}: {error}")
-' "http://127.0.0.1:${OPT_HTTP_PORT:-8000}/v2/health/$1"
+' "http://127.0.0.1:${OPT_HTTP_PORT:-8000}/$(ready_path "$1")"
     fi
     exec "${OPT_PYTHON:-python3}" -c '
 import os, sys, time
