@@ -377,7 +377,7 @@ def rows_or_reject(parser: RequestParser, request: Any) -> list[Row]:
         raise PyTritonBadParameterError(str(error)) from None
 
 
-def submit_or_refuse(scheduler: Any, rows: Sequence[Row], on_token: Callable[[int], None] | None = None) -> list[Any]:
+def submit_rows(scheduler: Any, rows: Sequence[Row], on_token: Callable[[int], None] | None = None) -> list[Any]:
     """Queues the rows in the engine; a full queue or a drain refuses them at once (engine.Overloaded or
     engine.Draining, which our stub model turns into Triton's UNAVAILABLE, HTTP 503)."""
     return scheduler.submit_all([row.request for row in rows], on_token, timeouts=[row.timeout for row in rows])
@@ -402,7 +402,7 @@ def make_infer_fn(scheduler: Any, parser: RequestParser, cancels: Any):
         responses = []
         for request in requests:  # Triton passes one request at a time: the model has no dynamic batcher
             rows = rows_or_reject(parser, request)
-            sequences = submit_or_refuse(scheduler, rows)
+            sequences = submit_rows(scheduler, rows)
             unwatch = cancel_when_gone(cancels, request, scheduler, sequences)
             try:
                 tokens = await asyncio.gather(*(asyncio.wrap_future(s.future) for s in sequences))
@@ -430,7 +430,7 @@ def make_stream_fn(scheduler: Any, parser: RequestParser, cancels: Any):
             raise PyTritonBadParameterError(f"{STREAM_MODEL_NAME} streams one row per request, got {len(rows)}")
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[int | None] = asyncio.Queue()
-        (sequence,) = submit_or_refuse(scheduler, rows, lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t))
+        (sequence,) = submit_rows(scheduler, rows, lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t))
         sequence.future.add_done_callback(lambda _: call_soon_if_open(loop, tokens.put_nowait, None))
         unwatch = cancel_when_gone(cancels, requests[0], scheduler, [sequence])
         try:

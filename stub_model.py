@@ -9,13 +9,20 @@ PyTriton 0.7 never asks Triton whether a request was cancelled (a gRPC client th
 the callable would generate for nobody. When $OPT_CANCEL_SOCKET is set, each PyTriton Request gets a
 parameter naming its triton request, and a thread polls the in-flight triton requests' `is_cancelled()`,
 sending each cancelled one's key as one datagram to that Unix socket (the server listens there).
-Without the variable this is PyTriton's model, unchanged.
+
+PyTriton 0.7 also answers every failure of the callable with its whole traceback as an internal error
+(non-decoupled: `execute` raises it for all requests of the call, behind Triton's "Model execute error"
+prefix). Here each failed request gets its own error response instead: only the final exception's text,
+with a code after its class (`triton_error`): bad parameters INVALID_ARG (HTTP 400), the engine's
+refusals UNAVAILABLE (HTTP 503), the rest INTERNAL. The server process logs the whole traceback.
+Without $OPT_CANCEL_SOCKET this is PyTriton's model with these error responses.
 """
 from __future__ import annotations
 
 import functools
 import itertools
 import os
+import re
 import socket
 import threading
 from typing import Any, Callable
@@ -38,6 +45,87 @@ _counter = itertools.count(1)  # next() is atomic under the GIL: keys stay uniqu
 _lock = threading.Lock()
 _keys: dict[int, tuple[Any, str]] = {}  # id(triton request) -> (the request, its key); the reference pins the id
 _closing: set[bytes] = set()  # PyTriton requests_ids whose final responses may be on their way
+
+
+# The code of an error response (a `pb_utils.TritonError` attribute), by the qualified name of the final
+# exception of the callable's traceback; INTERNAL for any other. Names, not values: pb_utils gets its
+# TritonError only once the stub runs the model, not while Triton auto-completes the config.
+ERROR_CODES = {
+    "pytriton.exceptions.PyTritonBadParameterError": "INVALID_ARG",  # HTTP 400
+    "engine.Overloaded": "UNAVAILABLE",  # HTTP 503: the client may retry later, or on another replica
+    "engine.Draining": "UNAVAILABLE",
+    "engine.ShuttingDown": "UNAVAILABLE",
+    "engine.Cancelled": "CANCELLED",  # INTERNAL where this Triton has none
+    "engine.DeadlineExceeded": "INTERNAL",  # Triton 2.51 has no DEADLINE_EXCEEDED; the text says "timed out: ..."
+}
+_TRACEBACK_HEADER = "Traceback (most recent call last):"
+_EXCEPTION_LINE = re.compile(r"(?P<name>[A-Za-z_][\w.]*)(?:: (?P<message>.*))?", re.DOTALL)
+
+
+def final_exception(payload: str) -> tuple[str, str] | None:
+    """(qualified class name, message) of the last exception of a `traceback.format_exception` text.
+
+    Its line follows the last traceback's indented frames (a chained exception's traceback comes last);
+    a message of several lines keeps them all. None when the text is no such traceback.
+    """
+    lines = payload.rstrip("\n").split("\n")
+    headers = [i for i, line in enumerate(lines) if line == _TRACEBACK_HEADER]
+    if not headers:
+        return None
+    first = headers[-1] + 1
+    while first < len(lines) and (lines[first].startswith(" ") or not lines[first]):
+        first += 1
+    match = _EXCEPTION_LINE.fullmatch("\n".join(lines[first:]))
+    if match is None:
+        return None
+    return match["name"], match["message"] or match["name"]  # an exception without text: its name
+
+
+def triton_error(payload: str) -> Any:
+    """The TritonError for an error PyTriton sends from the callable (a traceback): the text and code of
+    its final exception; anything else, the whole payload as INTERNAL."""
+    internal = pb_utils.TritonError.INTERNAL
+    parsed = final_exception(payload)
+    if parsed is None:
+        return pb_utils.TritonError(payload, internal)
+    name, message = parsed
+    return pb_utils.TritonError(message, getattr(pb_utils.TritonError, ERROR_CODES.get(name, ""), internal))
+
+
+class _PbUtilsForPyTriton:
+    """`pb_utils` as PyTriton's proxy module sees it: the real one, except that the TritonError its
+    decoupled handler makes of an error payload carries the final exception's text and code."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(pb_utils, name)
+
+    @staticmethod
+    def TritonError(error: str, code: int | None = None) -> Any:  # noqa: N802  (pb_utils' name)
+        return triton_error(error) if code is None else pb_utils.TritonError(error, code)
+
+
+class _ErrorsAsResponses:
+    """The future the non-decoupled handler completes: an error (a TritonModelException of the payload)
+    becomes one error response per request, so `execute` returns them instead of raising."""
+
+    def __init__(self, future: Any, count: int):
+        self._future = future
+        self._count = count
+
+    def set_result(self, result: Any) -> None:
+        if isinstance(result, pb_utils.TritonModelException):
+            error = triton_error(str(result))
+            result = [pb_utils.InferenceResponse(error=error) for _ in range(self._count)]
+        self._future.set_result(result)
+
+
+def _errors_as_responses(handle_responses: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(handle_responses)
+    async def wrapper(self: Any, scope: dict[str, Any], responses_queue: Any, responses_future: Any) -> Any:
+        count = len(self._requests_map[scope["requests_id"]])
+        return await handle_responses(self, scope, responses_queue, _ErrorsAsResponses(responses_future, count))
+
+    return wrapper
 
 
 def _wrap_request_with_key(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -128,6 +216,9 @@ def _send(sock: socket.socket, key: str, path: str) -> None:
         pb_utils.Logger.log_warn(f"cancellation of {key} not reported to {path}: {error!r}")
 
 
+pytriton_model.pb_utils = _PbUtilsForPyTriton()
+pytriton_model.BatchResponsesHandler.handle_responses = _errors_as_responses(
+    pytriton_model.BatchResponsesHandler.handle_responses)
 if _REPORT_TO:
     pytriton_model.TritonRequestsServer._wrap_request = _wrap_request_with_key(
         pytriton_model.TritonRequestsServer._wrap_request)

@@ -187,12 +187,17 @@ class StreamSender:
     def wait_until_ready(self, timeout: float) -> None:
         self._stream.wait_until_ready(timeout)
 
-    def send(self, spec: RequestSpec, outcome: Outcome) -> None:
+    def send(self, spec: RequestSpec, outcome: Outcome, sampling: Sampling | None = None) -> str:
+        """Times one request into `outcome`; returns the generated text. `sampling` replaces the sender's."""
         begin = time.perf_counter()
-        for _piece in self._stream.generate(spec.prompt, spec.output_tokens, self._timeout, self._sampling):
+        pieces = []
+        sampling = sampling or self._sampling
+        for piece in self._stream.generate(spec.prompt, spec.output_tokens, self._timeout, sampling):
             if outcome.ttft is None:
                 outcome.ttft = time.perf_counter() - begin
+            pieces.append(piece)
         outcome.latency = time.perf_counter() - begin
+        return "".join(pieces)
 
     def close(self) -> None:
         self._stream.close()
@@ -212,12 +217,14 @@ class HttpSender:
     def wait_until_ready(self, timeout: float) -> None:
         wait_until_ready(self._client, timeout)
 
-    def send(self, spec: RequestSpec, outcome: Outcome) -> None:
+    def send(self, spec: RequestSpec, outcome: Outcome, sampling: Sampling | None = None) -> str:
+        """Times one request into `outcome`; returns the prompt and generated text, as `OPT` answers."""
         inputs = request_inputs(self._triton, [spec.prompt.encode("utf-8")], [spec.output_tokens],
-                                sampling=self._sampling)
+                                sampling=sampling or self._sampling)
         begin = time.perf_counter()
-        self._client.infer(MODEL_NAME, inputs)
+        result = self._client.infer(MODEL_NAME, inputs)
         outcome.latency = time.perf_counter() - begin
+        return result.as_numpy("output").reshape(-1)[0].decode("utf-8")
 
     def close(self) -> None:
         self._client.close()

@@ -1,8 +1,10 @@
 """Cancellation reaches the callable: the listener alone, then a real Triton through PyTriton and real clients.
 
-The Triton tests bind two tiny models of their own (not server.py's): `ticker`, decoupled, streams a count
+The Triton tests bind tiny models of their own (not server.py's): `ticker`, decoupled, streams a count
 every 50 ms; `slow`, not decoupled, answers after 10 s. Each callable watches its request's key and stops
-when the listener calls back, recording what it saw.
+when the listener calls back, recording what it saw. `failing` (not decoupled) and `failing_stream`
+(decoupled) raise the exception their `kind` input names: our stub answers each with that exception's
+text alone and a status after its class, over every transport.
 """
 from __future__ import annotations
 
@@ -14,13 +16,16 @@ import os
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
 
 import cancellation
+import engine
 from cancellation import CANCEL_KEY_PARAMETER, CancelListener, cancel_key
 from tests.serving import free_ports
 
@@ -185,6 +190,82 @@ def make_slow(listener: CancelListener, seen: dict[str, Seen]):
     return slow
 
 
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """What a callable raises, and what each transport's client sees of it."""
+
+    kind: str
+    raise_it: Callable[[], None]
+    http: int  # the HTTP status of infer
+    grpc: str  # tritonclient.grpc's status() of a unary infer
+    message: str  # the whole error message, on every transport
+
+
+def _raise(error: Callable[[], BaseException], cause: type[BaseException] | None = None) -> Callable[[], None]:
+    """Raises a new `error()` each call (an instance raised twice would pile up tracebacks), from `cause`."""
+    def raise_it() -> None:
+        if cause is None:
+            raise error()
+        try:
+            raise cause("while handling this")
+        except cause as caught:
+            raise error() from caught
+
+    return raise_it
+
+
+def _bad_parameter(message: str) -> BaseException:
+    from pytriton.exceptions import PyTritonBadParameterError
+
+    return PyTritonBadParameterError(message)
+
+
+OVERLOADED = "overloaded: 4 rows already wait for a decode slot and the queue holds 4 (--max-queue-size); retry later"
+DRAINING = "the server is shutting down (draining after SIGTERM) and takes no new requests"
+FAILURES = [
+    Failure("bad-parameter", _raise(lambda: _bad_parameter("row 0: input is empty")), 400,
+            "StatusCode.INVALID_ARGUMENT", "row 0: input is empty"),
+    Failure("overloaded", _raise(lambda: engine.Overloaded(OVERLOADED)), 503, "StatusCode.UNAVAILABLE", OVERLOADED),
+    Failure("draining", _raise(lambda: engine.Draining(DRAINING)), 503, "StatusCode.UNAVAILABLE", DRAINING),
+    Failure("shutting-down", _raise(lambda: engine.ShuttingDown("shutting down: the drain's 30 s passed")), 503,
+            "StatusCode.UNAVAILABLE", "shutting down: the drain's 30 s passed"),
+    Failure("cancelled", _raise(lambda: engine.Cancelled("cancelled: the client closed the request")), 400,
+            "StatusCode.CANCELLED", "cancelled: the client closed the request"),
+    Failure("deadline", _raise(lambda: engine.DeadlineExceeded("timed out: the request's deadline of 1 s passed")),
+            500, "StatusCode.INTERNAL", "timed out: the request's deadline of 1 s passed"),
+    Failure("other", _raise(lambda: ZeroDivisionError("division by zero")), 500, "StatusCode.INTERNAL",
+            "division by zero"),
+    # the final exception decides, not the one it was raised from
+    Failure("chained", _raise(lambda: engine.Overloaded(OVERLOADED), KeyError), 503, "StatusCode.UNAVAILABLE",
+            OVERLOADED),
+    Failure("no-text", _raise(engine.Draining), 503, "StatusCode.UNAVAILABLE", "engine.Draining"),
+    Failure("two-lines", _raise(lambda: ValueError("first line\nsecond line: more")), 500, "StatusCode.INTERNAL",
+            "first line\nsecond line: more"),
+]
+GENERATE_STREAM_STATUS = 400  # Triton's generate_stream gives every error in its first response 400, whatever the code
+FAILURE = {failure.kind: failure for failure in FAILURES}
+AFTER_ONE = "after-one:"  # a `kind` so prefixed fails the stream after one response
+
+
+def make_failing():
+    async def failing(requests: list[Any]) -> list[dict[str, np.ndarray]]:
+        FAILURE[requests[0]["kind"].item().decode()].raise_it()
+        return [_outputs("never", 0)]
+
+    return failing
+
+
+def make_failing_stream():
+    async def failing_stream(requests: list[Any]):
+        kind = requests[0]["kind"].item().decode()
+        if kind.startswith(AFTER_ONE):
+            kind = kind[len(AFTER_ONE):]
+            yield [_outputs("first", 0)]
+        FAILURE[kind].raise_it()
+
+    return failing_stream
+
+
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
     from pytriton.model_config import ModelConfig, Tensor
@@ -207,6 +288,11 @@ def served() -> Iterator[Served]:
                     config=ModelConfig(decoupled=True, batcher=None, max_batch_size=1), strict=True)
         triton.bind(model_name="slow", infer_func=make_slow(listener, seen), inputs=inputs, outputs=outputs,
                     config=ModelConfig(batcher=None, max_batch_size=1), strict=True)
+        kinds = [Tensor(name="kind", dtype=bytes, shape=(1,))]
+        triton.bind(model_name="failing", infer_func=make_failing(), inputs=kinds, outputs=outputs,
+                    config=ModelConfig(batcher=None, max_batch_size=1), strict=True)
+        triton.bind(model_name="failing_stream", infer_func=make_failing_stream(), inputs=kinds, outputs=outputs,
+                    config=ModelConfig(decoupled=True, batcher=None, max_batch_size=1), strict=True)
         triton.run()
         yield Served(triton, listener, seen, http_port, grpc_port)
     finally:
@@ -320,3 +406,116 @@ def test_a_grpc_infer_past_its_deadline_reaches_the_non_decoupled_callable(serve
     (key,) = keys
     assert served.seen[key].cancelled.wait(NOTICE_S)
     assert served.seen[key].ticks < 200  # it stopped long before its 10 s
+
+
+# ---------------------------------------------------------------------------------------------------
+# A failing callable: each request's error is the exception's own text, its status after its class
+# ---------------------------------------------------------------------------------------------------
+
+
+def kind_input(lib: Any, kind: str) -> Any:
+    tensor = lib.InferInput("kind", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[kind.encode()]], dtype=object))
+    return tensor
+
+
+def post(served: Served, path: str, body: dict) -> tuple[int, bytes]:
+    call = urllib.request.Request(f"http://127.0.0.1:{served.http_port}{path}", data=json.dumps(body).encode(),
+                                  headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(call, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def sse_events(raw: bytes) -> list[dict]:
+    import client
+
+    return [json.loads(data) for data in client.sse_data(raw.splitlines(keepends=True))]
+
+
+def grpc_stream(served: Served, kind: str) -> tuple[list[Any], list[Any]]:
+    """One request to failing_stream on a gRPC stream: the responses, then the errors, until the first error."""
+    import queue
+
+    import tritonclient.grpc as grpc
+
+    events: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    connection = grpc.InferenceServerClient(f"127.0.0.1:{served.grpc_port}")
+    connection.start_stream(callback=lambda result, error: events.put((result, error)))
+    results, errors = [], []
+    try:
+        connection.async_stream_infer("failing_stream", [kind_input(grpc, kind)])
+        while not errors:
+            result, error = events.get(timeout=30)
+            (errors if error is not None else results).append(error if error is not None else result)
+    finally:
+        connection.stop_stream()
+        connection.close()
+    return results, errors
+
+
+@pytest.mark.parametrize("failure", FAILURES, ids=[failure.kind for failure in FAILURES])
+def test_a_failing_non_decoupled_callable_answers_with_its_exceptions_text_and_status(served: Served,
+                                                                                      failure: Failure):
+    import tritonclient.grpc as grpc
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    connection = http.InferenceServerClient(f"127.0.0.1:{served.http_port}")
+    try:
+        with pytest.raises(InferenceServerException) as raised:
+            connection.infer("failing", [kind_input(http, failure.kind)])
+    finally:
+        connection.close()
+    assert (raised.value.status(), raised.value.message()) == (str(failure.http), failure.message)
+
+    status, raw = post(served, "/v2/models/failing/infer", {"inputs": [
+        {"name": "kind", "datatype": "BYTES", "shape": [1, 1], "data": [failure.kind]}]})
+    assert (status, json.loads(raw)) == (failure.http, {"error": failure.message})
+
+    connection = grpc.InferenceServerClient(f"127.0.0.1:{served.grpc_port}")
+    try:
+        with pytest.raises(InferenceServerException) as raised:
+            connection.infer("failing", [kind_input(grpc, failure.kind)])
+    finally:
+        connection.close()
+    assert (raised.value.status(), raised.value.message()) == (failure.grpc, failure.message)
+
+
+@pytest.mark.parametrize("failure", FAILURES, ids=[failure.kind for failure in FAILURES])
+def test_a_failing_decoupled_callable_ends_its_stream_with_its_exceptions_text(served: Served, failure: Failure):
+    results, errors = grpc_stream(served, failure.kind)
+    assert results == [] and [(e.status(), e.message()) for e in errors] == [(None, failure.message)]
+
+    status, raw = post(served, "/v2/models/failing_stream/generate_stream", {"kind": failure.kind})
+    assert (status, sse_events(raw)) == (GENERATE_STREAM_STATUS, [{"error": failure.message}])
+
+
+@pytest.mark.parametrize("kind", ["overloaded", "deadline"])
+def test_a_stream_that_fails_after_a_response_ends_with_the_exceptions_text(served: Served, kind: str):
+    results, errors = grpc_stream(served, AFTER_ONE + kind)
+    assert [r.as_numpy("key")[0][0] for r in results] == [b"first"]
+    assert [(e.status(), e.message()) for e in errors] == [(None, FAILURE[kind].message)]
+
+    status, raw = post(served, "/v2/models/failing_stream/generate_stream", {"kind": AFTER_ONE + kind})
+    events = sse_events(raw)
+    assert status == 200 and events[-1] == {"error": FAILURE[kind].message}, (status, events)
+    assert [event["key"] for event in events[:-1]] == ["first"]
+
+
+def test_a_failing_callable_leaves_both_models_serving(served: Served):
+    import tritonclient.grpc as grpc
+
+    for failure in FAILURES:
+        grpc_stream(served, failure.kind)
+    responses = Responses()
+    connection = grpc.InferenceServerClient(f"127.0.0.1:{served.grpc_port}")
+    try:
+        connection.start_stream(callback=responses)
+        connection.async_stream_infer("ticker", [grpc_input(grpc, 3)])
+        responses.wait_for(3)
+        connection.stop_stream()
+    finally:
+        connection.close()
