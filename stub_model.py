@@ -89,7 +89,7 @@ def triton_error(payload: str) -> Any:
     if parsed is None:
         return pb_utils.TritonError(payload, internal)
     name, message = parsed
-    return pb_utils.TritonError(message, getattr(pb_utils.TritonError, ERROR_CODES.get(name, ""), internal))
+    return pb_utils.TritonError(message, getattr(pb_utils.TritonError, ERROR_CODES.get(name, "INTERNAL"), internal))
 
 
 class _PbUtilsForPyTriton:

@@ -9,13 +9,19 @@ text alone and a status after its class, over every transport.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import http.client
+import importlib
 import json
 import os
+import shutil
 import socket
+import sys
 import threading
 import time
+import traceback
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -411,6 +417,89 @@ def test_a_grpc_infer_past_its_deadline_reaches_the_non_decoupled_callable(serve
 # ---------------------------------------------------------------------------------------------------
 # A failing callable: each request's error is the exception's own text, its status after its class
 # ---------------------------------------------------------------------------------------------------
+
+
+class FakeTritonError:
+    """pb_utils.TritonError of Triton 2.51 as far as stub_model.py uses it (its codes are ints there)."""
+
+    ALREADY_EXISTS, CANCELLED, INTERNAL, INVALID_ARG, NOT_FOUND, UNAVAILABLE, UNKNOWN, UNSUPPORTED = (
+        "ALREADY_EXISTS", "CANCELLED", "INTERNAL", "INVALID_ARG", "NOT_FOUND", "UNAVAILABLE", "UNKNOWN", "UNSUPPORTED")
+
+    def __init__(self, message: str, code: str = INTERNAL):
+        self.message, self.code = message, code
+
+
+@pytest.fixture
+def stub_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """stub_model.py imported as the stub imports it (`<version>.model`, PyTriton's proxy files beside it as
+    install_stub_model leaves them), with a stand-in for the module only the stub has."""
+    import pytriton.proxy
+
+    pb_utils = types.ModuleType("triton_python_backend_utils")
+    pb_utils.TritonError = FakeTritonError
+    pb_utils.TritonModelException = type("TritonModelException", (Exception,), {})
+    pb_utils.InferenceResponse = lambda error: ("response", error.message, error.code)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb_utils)
+    package = tmp_path / "stub_version_1"
+    package.mkdir()
+    for source in Path(pytriton.proxy.__file__).parent.glob("*.py"):
+        shutil.copy(source, package / source.name)
+    (package / "model.py").replace(package / cancellation.PYTRITON_MODEL_FILE)
+    shutil.copy(cancellation.STUB_MODEL_FILE, package / "model.py")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        yield importlib.import_module("stub_version_1.model")
+    finally:
+        for name in [n for n in sys.modules if n == "stub_version_1" or n.startswith("stub_version_1.")]:
+            del sys.modules[name]
+
+
+def formatted(raise_it: Callable[[], None]) -> str:
+    """What PyTriton sends the stub when the callable raises: traceback.format_exception's text."""
+    try:
+        raise_it()
+    except Exception as error:
+        return "".join(traceback.format_exception(None, error, error.__traceback__))
+    raise AssertionError("nothing raised")
+
+
+def test_the_stub_reads_the_final_exception_of_a_traceback_and_picks_its_code(stub_module: Any):
+    def error_of(payload: str) -> tuple[str, str]:
+        error = stub_module.triton_error(payload)
+        return error.message, error.code
+
+    for failure in FAILURES:
+        grpc_code = failure.grpc.removeprefix("StatusCode.").replace("INVALID_ARGUMENT", "INVALID_ARG")
+        assert error_of(formatted(failure.raise_it)) == (failure.message, grpc_code), failure.kind
+    assert stub_module.final_exception(formatted(FAILURE["chained"].raise_it)) == ("engine.Overloaded", OVERLOADED)
+    # not a traceback (PyTriton's own "Cancelled responses handler"), or one whose end does not parse: all of it
+    assert error_of("Cancelled responses handler") == ("Cancelled responses handler", "INTERNAL")
+    group = formatted(_raise(lambda: ExceptionGroup("two", [ValueError("a"), KeyError("b")])))
+    assert error_of(group) == (group, "INTERNAL")
+
+
+def test_a_triton_without_cancelled_answers_a_cancelled_request_internal(stub_module: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delattr(FakeTritonError, "CANCELLED")
+    error = stub_module.triton_error(formatted(FAILURE["cancelled"].raise_it))
+    assert (error.message, error.code) == ("cancelled: the client closed the request", "INTERNAL")
+
+
+def test_the_non_decoupled_handlers_error_becomes_one_error_response_per_request(stub_module: Any):
+    import triton_python_backend_utils as pb_utils
+
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    stub_module._ErrorsAsResponses(future, 2).set_result(
+        pb_utils.TritonModelException(formatted(FAILURE["overloaded"].raise_it)))
+    assert future.result() == [("response", OVERLOADED, "UNAVAILABLE")] * 2
+    future = concurrent.futures.Future()
+    stub_module._ErrorsAsResponses(future, 1).set_result(["a response"])
+    assert future.result() == ["a response"]
+    # PyTriton's module makes its TritonErrors through us; an explicit code is kept
+    seen_by_pytriton = stub_module.pytriton_model.pb_utils
+    assert seen_by_pytriton.TritonError(formatted(FAILURE["draining"].raise_it)).code == "UNAVAILABLE"
+    assert seen_by_pytriton.TritonError("x", "NOT_FOUND").code == "NOT_FOUND"
+    assert seen_by_pytriton.TritonModelException is pb_utils.TritonModelException
 
 
 def kind_input(lib: Any, kind: str) -> Any:
