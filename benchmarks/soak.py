@@ -66,7 +66,6 @@ import load  # noqa: E402  (it puts the repository root and tests/ on the path a
 from load import (HttpSender, LoadRun, Outcome, PromptBuilder, RequestSpec, ShortRequests,  # noqa: E402
                   StreamSender, Summary, client_requests, error_text, length_range, milliseconds, seconds, summarize)
 
-import client  # noqa: E402
 from client import (MODEL_NAME, STREAM_MODEL_NAME, Sampling, http_stream, request_inputs, triton_url,  # noqa: E402
                     wait_until_ready)
 
@@ -96,20 +95,6 @@ class Traffic:
 
 TRAFFIC = {"http": Traffic("http", False), "http-stream": Traffic("http", True),
            "grpc": Traffic("grpc", False), "grpc-stream": Traffic("grpc", True)}
-
-
-@dataclasses.dataclass(frozen=True)
-class DeadlineSampling(Sampling):
-    """The load's settings and the server's optional timeout_seconds (not sent when None), whether or not
-    client.py's Sampling has that field yet."""
-
-    timeout_seconds: float | None = None  # FP32; the server fails the request with "timed out" past it
-
-
-def know_timeout_input() -> None:
-    """Makes sure client.py's table of input datatypes has timeout_seconds, the server's optional per-row
-    deadline (FP32 [1]), so that request_inputs can send it: a client.py that predates it does not."""
-    client.SETTING_DTYPES.setdefault("timeout_seconds", ("FP32", np.float32))
 
 
 class GrpcSender:
@@ -255,7 +240,7 @@ class SoakSettings:
 
 def send_one(sender: Any, traffic: Traffic, attempt: Attempt, timeout: float) -> None:
     """Sends one request and records its ending in `attempt`: answered, an error of some kind, or hung."""
-    sampling = DeadlineSampling(ignore_eos=True, timeout_seconds=attempt.timeout_seconds)
+    sampling = Sampling(ignore_eos=True, timeout_seconds=attempt.timeout_seconds)
     begin = time.perf_counter()
     try:
         text = sender.send(attempt.spec, attempt, sampling)
@@ -906,7 +891,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import opt_utils
 
     simulate_cpu_devices(args.gpus_per_node)  # inherited by the servers started here
-    know_timeout_input()
     config = opt_utils.model_config(args.model_name, args.cache_dir)
     tokenizer = opt_utils.load_tokenizer(args.model_name, None, args.cache_dir, config)
     builder = PromptBuilder(tokenizer)
