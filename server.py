@@ -946,6 +946,10 @@ def leave_group(group: Group | None, status: int, *, clean: bool) -> int:
 
 
 TRITON_START_ATTEMPTS = 3
+# Triton's own wait for requests in flight when it stops. The drain (--exit-timeout) has answered every
+# request by then, so this only bounds a stub that is slow to unload; a kill -9 of the server has the
+# reaper instead.
+TRITON_EXIT_TIMEOUT_S = 5
 
 
 def serve(args: argparse.Namespace, runner: Any, config: Any, stop: threading.Event, group: Group | None) -> int:
@@ -1063,7 +1067,7 @@ def start_triton(args: argparse.Namespace, infer: Any, stream: Any) -> Any:
         http_address=args.bind_address, http_port=args.http_port,
         grpc_address=args.bind_address, grpc_port=args.grpc_port,
         metrics_address=args.bind_address, metrics_port=args.metrics_port,
-        exit_timeout_secs=args.exit_timeout, log_verbose=1 if args.verbose else 0,
+        exit_timeout_secs=TRITON_EXIT_TIMEOUT_S, log_verbose=1 if args.verbose else 0,
     )
     # PyTriton's restricted endpoints stay protected; an empty token would lift the protection, so it means "random".
     security = TritonSecurityConfig(access_token=args.access_token or None)
