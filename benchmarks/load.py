@@ -638,12 +638,20 @@ def length_range(text: str) -> tuple[int, int]:
     return low, high
 
 
-def run_names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(RUNS))
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"runs are a comma-separated subset of {', '.join(RUNS)}; got {text!r}")
-    return [n for n in RUNS if n in names]
+def subset_of(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated subset of `choices`, returned in their order."""
+
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names or set(names) - set(choices):
+            raise argparse.ArgumentTypeError(f"{what} are a comma-separated subset of {', '.join(choices)}; "
+                                             f"got {text!r}")
+        return [n for n in choices if n in names]
+
+    return parse
+
+
+run_names = subset_of(RUNS, "runs")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -765,9 +773,9 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    stop_on_sigterm()
+def prepare_prompts(model_name: str, cache_dir: str, devices: int,
+                    say: Callable[[str], None]) -> tuple[Any, Any, PromptBuilder]:
+    """(config, tokenizer, prompt builder) of the model, as the servers started from here will see it."""
     # The servers started here read the hub offline (tests/serving.py): the tokenizer here must be theirs.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process only tokenizes
@@ -775,11 +783,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import opt_utils
 
-    simulate_cpu_devices(args.number_of_gpus)  # inherited by the servers started here
-    config = opt_utils.model_config(args.model_name, args.cache_dir)
-    tokenizer = opt_utils.load_tokenizer(args.model_name, None, args.cache_dir, config)
+    simulate_cpu_devices(devices)  # inherited by the servers started here
+    config = opt_utils.model_config(model_name, cache_dir)
+    tokenizer = opt_utils.load_tokenizer(model_name, None, cache_dir, config)
     builder = PromptBuilder(tokenizer)
-    log(f"tokenizer: {tokenizer.description}; {len(builder.words)} single-token words")
+    say(f"tokenizer: {tokenizer.description}; {len(builder.words)} single-token words")
+    return config, tokenizer, builder
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    stop_on_sigterm()
+    config, tokenizer, builder = prepare_prompts(args.model_name, args.cache_dir, args.number_of_gpus, log)
     try:
         summaries = measure(args, builder, config, tokenizer)
     except (TimeoutError, AssertionError) as error:  # a model never ready, a server that exited (its log)

@@ -789,12 +789,7 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def class_names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(TRAFFIC))
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"classes are a comma-separated subset of {','.join(TRAFFIC)}; got {text!r}")
-    return [n for n in TRAFFIC if n in names]
+class_names = load.subset_of(list(TRAFFIC), "classes")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -884,17 +879,7 @@ def log(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     load.stop_on_sigterm()  # SIGTERM ends this script through SystemExit: the servers it started are stopped
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the servers read the hub offline: the tokenizer must be theirs
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process only tokenizes
-    from benchmark import simulate_cpu_devices
-
-    import opt_utils
-
-    simulate_cpu_devices(args.gpus_per_node)  # inherited by the servers started here
-    config = opt_utils.model_config(args.model_name, args.cache_dir)
-    tokenizer = opt_utils.load_tokenizer(args.model_name, None, args.cache_dir, config)
-    builder = PromptBuilder(tokenizer)
-    log(f"tokenizer: {tokenizer.description}; {len(builder.words)} single-token words")
+    _, tokenizer, builder = load.prepare_prompts(args.model_name, args.cache_dir, args.gpus_per_node, log)
     try:
         external = bool(args.server_url or args.grpc_url)
         result = measure_external(args, builder) if external else measure_started(args, builder)

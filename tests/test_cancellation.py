@@ -356,7 +356,8 @@ def test_a_grpc_stream_stopped_with_cancel_reaches_the_decoupled_callable(served
         client.close()
 
 
-def test_a_stream_that_ends_by_itself_is_never_reported_cancelled(served: Served):
+def three_ticks(served: Served) -> Responses:
+    """A gRPC stream of three ticks that ends by itself (the client waits for all three)."""
     import tritonclient.grpc as grpc
 
     responses = Responses()
@@ -368,6 +369,11 @@ def test_a_stream_that_ends_by_itself_is_never_reported_cancelled(served: Served
         client.stop_stream()
     finally:
         client.close()
+    return responses
+
+
+def test_a_stream_that_ends_by_itself_is_never_reported_cancelled(served: Served):
+    responses = three_ticks(served)
     record = served.seen[responses.keys[0]]
     assert record.finished.wait(5) and record.ticks == 3
     time.sleep(4 * 0.25)  # a few of the stub's polls
@@ -595,16 +601,6 @@ def test_a_stream_that_fails_after_a_response_ends_with_the_exceptions_text(serv
 
 
 def test_a_failing_callable_leaves_both_models_serving(served: Served):
-    import tritonclient.grpc as grpc
-
     for failure in FAILURES:
         grpc_stream(served, failure.kind)
-    responses = Responses()
-    connection = grpc.InferenceServerClient(f"127.0.0.1:{served.grpc_port}")
-    try:
-        connection.start_stream(callback=responses)
-        connection.async_stream_infer("ticker", [grpc_input(grpc, 3)])
-        responses.wait_for(3)
-        connection.stop_stream()
-    finally:
-        connection.close()
+    three_ticks(served)
