@@ -32,6 +32,7 @@ import psutil
 LOGGER = logging.getLogger("server")
 MODEL_NAME = "OPT"
 DEFAULT_CACHE_DIR = str(Path.home() / ".cache" / "opt-jax")
+DEFAULT_MAX_QUEUE_SIZE = 1024  # rows
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -65,9 +66,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-prefill-tokens", type=int, default=4096,
                         help="padded prompt tokens prefilled per engine step (and per prefill call): bounds how long "
                              "new prompts pause the running sequences")
-    parser.add_argument("--max-queue-size", type=int, default=1024,
+    parser.add_argument("--max-queue-size", type=int, default=None,
                         help="most rows waiting for a decode slot; a request that would go past it is refused at once "
-                             "with an 'overloaded' error (at least --max-batch-size)")
+                             "with an 'overloaded' error (at least --max-batch-size; default: 1024 or --max-batch-size, "
+                             "whichever is larger)")
     parser.add_argument("--request-timeout", type=float, default=0.0,
                         help="seconds a request may take from its arrival to its last token; one past it fails with a "
                              "'timed out' error and frees its slot (0: no limit). A request's optional input "
@@ -106,6 +108,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for flag in ("join_timeout", "peer_timeout"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.max_queue_size is None:
+        args.max_queue_size = max(DEFAULT_MAX_QUEUE_SIZE, args.max_batch_size)
     if args.max_queue_size < args.max_batch_size:
         parser.error(f"--max-queue-size {args.max_queue_size} must be at least --max-batch-size {args.max_batch_size}: "
                      "a full batch could never be queued")

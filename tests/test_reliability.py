@@ -167,3 +167,16 @@ def test_sigterm_refuses_new_requests_lets_those_in_flight_finish_ends_those_pas
         srv.stop()
         srv.kill_group()
     assert not srv.group()
+
+
+# --- the flags ------------------------------------------------------------------------------------
+
+
+def test_the_queue_bound_defaults_to_1024_rows_or_the_batch_size_and_is_never_smaller_than_a_batch(capsys):
+    import server
+
+    assert server.parse_args([]).max_queue_size == 1024
+    assert server.parse_args(["--max-batch-size", "4096"]).max_queue_size == 4096  # the original's flags still work
+    with pytest.raises(SystemExit):
+        server.parse_args(["--max-batch-size", "8", "--max-queue-size", "4"])
+    assert "--max-queue-size 4 must be at least --max-batch-size 8" in capsys.readouterr().err
