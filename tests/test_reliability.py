@@ -54,79 +54,29 @@ def error_of(call) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[ServerProcess]:
     with running_server(tmp_path_factory.mktemp("reliability"), cache_dir, "--decode-slots", "2",
-                        "--max-batch-size", "2", "--max-queue-size", "2", "--request-timeout", "12") as srv:
+                        "--request-timeout", "3") as srv:
         yield srv
-
-
-def test_a_request_past_its_timeout_seconds_ends_with_a_timeout_error_frees_its_slot_and_the_others_carry_on(
-    server: ServerProcess,
-):
-    expected = infer(server.http_url, ["Beside it"], [20])[0]
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        begin = time.monotonic()
-        doomed = pool.submit(lambda: list(stream(server, "Never ends", LONG, client.Sampling(ignore_eos=True,
-                                                                                           timeout_seconds=1.5))))
-        beside = pool.submit(infer, server.grpc_url, ["Beside it"], [20])
-        message = error_of(doomed.result)
-        took = time.monotonic() - begin
-        assert beside.result() == [expected]
-    assert re.search(rf"timed out: the request's deadline of 1.5 s passed after \d+ of {LONG} tokens", message), message
-    assert 1.5 <= took < 6, took
-    wait_metric(server, "opt_busy_slots", 0, timeout=3)
 
 
 def test_the_request_timeout_flag_bounds_every_request_and_a_longer_input_cannot_lift_it(server: ServerProcess):
     begin = time.monotonic()
     message = error_of(lambda: infer(server.http_url, ["No limit of its own"], [LONG], sampling=client.Sampling(
         ignore_eos=True, timeout_seconds=100)))
-    assert "timed out: the request's deadline of 12 s passed" in message, message
-    assert 12 <= time.monotonic() - begin < 20
-
-
-def test_past_the_queue_bound_a_request_is_refused_at_once_as_overloaded_and_taken_again_later(
-    server: ServerProcess,
-):
-    long = client.Sampling(ignore_eos=True, timeout_seconds=10)
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        # Two rows take the two slots, two more fill the queue of two.
-        held = [pool.submit(lambda i=i: list(stream(server, f"Holding {i}", LONG, long))) for i in range(4)]
-        wait_metric(server, "opt_busy_slots", 2, timeout=20)
-        wait_metric(server, "opt_queue_length", 2, timeout=20)
-        for url in (server.http_url, server.grpc_url):
-            begin = time.monotonic()
-            message = error_of(lambda: infer(url, ["One too many"], [4]))
-            assert "overloaded: 2 rows already wait for a decode slot and the queue holds 2 (--max-queue-size)" \
-                in message, message
-            assert time.monotonic() - begin < 2
-        message = error_of(lambda: list(stream(server, "One too many", 4)))
-        assert "overloaded" in message, message
-        for future in held:
-            assert "timed out" in error_of(future.result)
-    assert len(infer(server.http_url, ["Room again"], [4])[0]) > len("Room again")
-
-
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_a_client_that_leaves_mid_stream_frees_its_slot_within_a_second_or_two(server: ServerProcess, protocol: str):
-    url = server.grpc_url if protocol == "grpc" else server.http_url
-    cancelled = metric(server, 'opt_requests_total{outcome="cancelled"}', 0)
-    pieces = client.stream_pieces(url, "Nobody reads the end", LONG, 60, FOREVER)
-    assert len([next(pieces) for _ in range(3)]) == 3
-    assert metric(server, "opt_busy_slots") == 1
-    pieces.close()  # the gRPC stream is cancelled, the HTTP connection closed
-    took = wait_metric(server, "opt_busy_slots", 0, timeout=5)
-    assert metric(server, 'opt_requests_total{outcome="cancelled"}', 0) == cancelled + 1
-    print(f"{protocol}: the slot was free {took:.2f} s after the client left")
+    assert "timed out: the request's deadline of 3 s passed" in message, message
+    assert 3 <= time.monotonic() - begin < 8
 
 
 def test_a_grpc_request_whose_client_gives_up_is_cancelled_too(server: ServerProcess):
     import tritonclient.grpc as grpc
 
+    cancelled = metric(server, 'opt_requests_total{outcome="cancelled"}', 0)
     triton = grpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
     inputs = client.request_inputs(grpc, [b"The client waits one second"], [LONG], sampling=FOREVER)
     with pytest.raises(Exception, match="Deadline Exceeded"):
         triton.infer(client.MODEL_NAME, inputs, client_timeout=1.0)
     triton.close()
-    wait_metric(server, "opt_busy_slots", 0, timeout=5)
+    assert wait_metric(server, "opt_busy_slots", 0, timeout=5) < 1.5  # well before the server's own 3 s deadline
+    assert metric(server, 'opt_requests_total{outcome="cancelled"}', 0) == cancelled + 1
 
 
 # --- the drain ------------------------------------------------------------------------------------
@@ -135,10 +85,10 @@ def test_a_grpc_request_whose_client_gives_up_is_cancelled_too(server: ServerPro
 def test_sigterm_refuses_new_requests_lets_those_in_flight_finish_ends_those_past_the_grace_and_exits_0(
     tmp_path: Path, cache_dir: Path,
 ):
-    srv = start_server(tmp_path, cache_dir, "--exit-timeout", "10", "--decode-slots", "4")
+    srv = start_server(tmp_path, cache_dir, "--exit-timeout", "6", "--decode-slots", "4")
     try:
         wait_ready(srv)
-        expected = infer(srv.http_url, ["Finishes in the drain"], [80], sampling=FOREVER)[0]
+        expected = infer(srv.http_url, ["Finishes in the drain"], [60], sampling=FOREVER)[0]
         pieces: dict[str, list[str]] = {"short": [], "long": []}
         started = {name: threading.Event() for name in pieces}
 
@@ -148,7 +98,7 @@ def test_sigterm_refuses_new_requests_lets_those_in_flight_finish_ends_those_pas
                 started[name].set()
 
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            short = pool.submit(run, "short", "Finishes in the drain", 80)
+            short = pool.submit(run, "short", "Finishes in the drain", 60)
             long = pool.submit(run, "long", "Outlives the grace period", LONG)
             assert all(event.wait(60) for event in started.values())
             srv.process.send_signal(signal.SIGTERM)
@@ -158,11 +108,11 @@ def test_sigterm_refuses_new_requests_lets_those_in_flight_finish_ends_those_pas
             short.result(timeout=60)
             assert "Finishes in the drain" + "".join(pieces["short"]) == expected
             ended = error_of(lambda: long.result(timeout=60))
-            assert "did not finish within the drain's grace period of 10 s (--exit-timeout)" in ended, ended
+            assert "did not finish within the drain's grace period of 6 s (--exit-timeout)" in ended, ended
         assert srv.process.wait(timeout=60) == 0
         log = srv.log()
-        assert re.search(r"draining: 2 rows in flight get up to 10 s to finish", log), log[-3000:]
-        assert "drain: 1 rows still in flight after 10 s: ending them" in log
+        assert re.search(r"draining: 2 rows in flight get up to 6 s to finish", log), log[-3000:]
+        assert "drain: 1 rows still in flight after 6 s: ending them" in log
     finally:
         srv.stop()
         srv.kill_group()
