@@ -73,6 +73,8 @@ class Metrics(Protocol):
 
     def load(self, waiting: int, busy_slots: int) -> None: ...
 
+    def refused(self, rows: int, reason: str) -> None: ...
+
 
 class _NoMetrics:
     def first_token(self, seconds: float) -> None:
@@ -85,6 +87,9 @@ class _NoMetrics:
         pass
 
     def load(self, waiting: int, busy_slots: int) -> None:
+        pass
+
+    def refused(self, rows: int, reason: str) -> None:
         pass
 
 
@@ -210,11 +215,13 @@ class Scheduler:
                      for r, t in zip(requests, timeouts, strict=True)]
         with self._wake:
             if self._refusal is not None:
+                self._metrics.refused(len(sequences), "draining")
                 raise self._refusal
             # Rows submitted since the last step wait for slots that may be free: only those beyond count.
             free = sum(s is None for s in self._slots)
             queued = max(0, len(self._waiting) - free)
             if self._max_waiting is not None and len(self._waiting) + len(sequences) - free > self._max_waiting:
+                self._metrics.refused(len(sequences), "overloaded")
                 raise Overloaded(f"overloaded: {queued} rows already wait for a decode slot and the queue holds "
                                  f"{self._max_waiting} (--max-queue-size); retry later")
             self._waiting.extend(sequences)

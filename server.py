@@ -481,6 +481,8 @@ class PrometheusMetrics:
         self._requests = prom.Counter("opt_requests", "Rows finished, by outcome", ["outcome"], registry=self.registry)
         self._waiting = prom.Gauge("opt_queue_length", "Rows waiting for a decode slot", registry=self.registry)
         self._busy = prom.Gauge("opt_busy_slots", "Decode slots holding a row", registry=self.registry)
+        self._refused = prom.Counter("opt_refused_rows", "Rows refused at once, by reason", ["reason"],
+                                     registry=self.registry)
         prom.Gauge("opt_decode_slots", "Decode slots in all", registry=self.registry).set(slots)
 
     def serve(self, port: int, address: str) -> None:
@@ -505,6 +507,9 @@ class PrometheusMetrics:
     def load(self, waiting: int, busy_slots: int) -> None:
         self._waiting.set(waiting)
         self._busy.set(busy_slots)
+
+    def refused(self, rows: int, reason: str) -> None:
+        self._refused.labels(reason).inc(rows)
 
 
 # ---------------------------------------------------------------------------------------------------

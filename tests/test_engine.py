@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import opt_utils
+import engine as engine_module
 from engine import InFlight, Scheduler
 from modeling_flax_opt import KVCache, OPTForCausalLM
 from opt_utils import Admission, Plan, PrefillGroup, Request, Sampling, SlotRunner, SlotShapes, path_name
@@ -352,7 +353,13 @@ def test_a_cancelled_request_fails_at_once_and_its_slot_serves_the_next_request(
 def test_a_full_queue_refuses_a_request_at_once_and_takes_it_again_once_there_is_room(runner: SlotRunner) -> None:
     from engine import Overloaded
 
-    engine, _ = scheduler(runner, max_waiting=3)
+    refusals: list[tuple[int, str]] = []
+
+    class Refusals(engine_module._NoMetrics):
+        def refused(self, rows: int, reason: str) -> None:
+            refusals.append((rows, reason))
+
+    engine, _ = scheduler(runner, max_waiting=3, metrics=Refusals())
     # Four rows for the four free slots and three for the queue: all taken before any step.
     first = engine.submit_all([Request(prompt(10 * i, 2), 30) for i in range(7)])
     with pytest.raises(Overloaded, match=r"overloaded: 3 rows already wait .* queue holds 3 \(--max-queue-size\)"):
@@ -360,7 +367,7 @@ def test_a_full_queue_refuses_a_request_at_once_and_takes_it_again_once_there_is
     engine.step()  # four go into slots; three still wait
     with pytest.raises(Overloaded):  # all rows of a request or none
         engine.submit_all([Request(prompt(1, 2), 2)] * 2)
-    assert engine.in_flight == 7
+    assert engine.in_flight == 7 and refusals == [(1, "overloaded"), (2, "overloaded")]
     run_until_done(engine, first)
     again = engine.submit_all([Request(prompt(1, 2), 2)] * 7)
     run_until_done(engine, again)

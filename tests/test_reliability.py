@@ -105,6 +105,7 @@ def test_sigterm_refuses_new_requests_lets_those_in_flight_finish_ends_those_pas
             time.sleep(1.0)
             refused = error_of(lambda: infer(srv.http_url, ["Too late"], [4]))
             assert "the server is shutting down (draining after SIGTERM) and takes no new requests" in refused, refused
+            assert metric(srv, 'opt_refused_rows_total{reason="draining"}') == 1
             short.result(timeout=60)
             assert "Finishes in the drain" + "".join(pieces["short"]) == expected
             ended = error_of(lambda: long.result(timeout=60))
