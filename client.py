@@ -141,6 +141,11 @@ def request_inputs(triton: Any, prompts: Sequence[bytes], output_lengths: Sequen
     for name, value in sampling.given().items():
         datatype, dtype = SETTING_DTYPES[name]
         arrays.append((name, datatype, np.full((len(prompts), 1), value, dtype=dtype)))
+    return triton_tensors(triton, arrays)
+
+
+def triton_tensors(triton: Any, arrays: Sequence[tuple[str, str, np.ndarray]]) -> list[Any]:
+    """`triton.InferInput`s of (name, Triton datatype, array), each holding its array as given."""
     inputs = []
     for name, datatype, array in arrays:
         tensor = triton.InferInput(name, list(array.shape), datatype)

@@ -654,6 +654,19 @@ def subset_of(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
 run_names = subset_of(RUNS, "runs")
 
 
+def add_started_server_flags(group: Any, *, model_name: str) -> None:
+    """The flags of the servers a load script starts: model, dtype, extra server.py arguments, cache, patience."""
+    group.add_argument("--model-name", default=model_name)
+    group.add_argument("--dtype", default="float32", choices=("float16", "bfloat16", "float32"),
+                       help="float32 by default: fastest on a CPU (see the README)")
+    group.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                       help="one more server.py argument for every server (repeatable), e.g. "
+                            "--server-arg=--model-instances=8")
+    group.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "opt-jax"),
+                       help="the servers' --cache-dir (compilation cache), also where the tokenizer is looked up")
+    group.add_argument("--ready-timeout", type=float, default=1800.0, help="seconds the servers may take to be ready")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server-url", default=None,
@@ -681,15 +694,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=run_names, default=list(RUNS), metavar="NAMES",
                         help=f"with --compare, which of {','.join(RUNS)} to run (default: all)")
     server = parser.add_argument_group("servers this script starts")
-    server.add_argument("--model-name", default="random/125M")
-    server.add_argument("--dtype", default="float32", choices=("float16", "bfloat16", "float32"),
-                        help="float32 by default: fastest on a CPU (see the README)")
+    add_started_server_flags(server, model_name="random/125M")
     server.add_argument("--number-of-gpus", type=int, default=1)
-    server.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                        help="one more server.py argument (repeatable), e.g. --server-arg=--model-instances=8")
-    server.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "opt-jax"),
-                        help="the servers' --cache-dir (compilation cache), also where the tokenizer is looked up")
-    server.add_argument("--ready-timeout", type=float, default=1800.0, help="seconds a server may take to be ready")
     args = parser.parse_args(argv)
     check_args(parser, args)
     return args

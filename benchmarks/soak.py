@@ -826,17 +826,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     target.add_argument("--server-pid", type=int, action="append", default=[], metavar="PID",
                         help="a process of the server: its session's processes are sampled for RSS (repeatable)")
     server = parser.add_argument_group("the servers this script starts")
-    server.add_argument("--model-name", default="random/tiny")
-    server.add_argument("--dtype", default="float32", choices=("float16", "bfloat16", "float32"),
-                        help="float32 by default: fastest on a CPU")
+    load.add_started_server_flags(server, model_name="random/tiny")
     server.add_argument("--nodes", type=int, default=2, help="ranks of the group, on loopback")
     server.add_argument("--gpus-per-node", type=int, default=1, help="each rank's --number-of-gpus")
-    server.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                        help="one more server.py argument for every rank (repeatable), "
-                             "e.g. --server-arg=--decode-slots=8")
-    server.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "opt-jax"),
-                        help="the servers' --cache-dir (compilation cache), also where the tokenizer is looked up")
-    server.add_argument("--ready-timeout", type=float, default=1800.0, help="seconds the servers may take to be ready")
     server.add_argument("--log-dir", default=None,
                         help="keep the ranks' logs here (rank0-PORT.log, ...); default: a temporary folder, deleted")
     server.add_argument("--stop-timeout", type=float, default=60.0, help="seconds every rank may take to exit")

@@ -4,11 +4,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -205,3 +207,24 @@ def tool(name: str) -> str:
     if found is None:
         pytest.fail(f"{name} is neither next to {sys.executable} nor on PATH: ./install.sh --test installs it")
     return found
+
+
+def metric(server: ServerProcess, name: str, default: float | None = None) -> float:
+    """One sample of the server's generation metrics, e.g. 'opt_busy_slots' or
+    'opt_requests_total{outcome="cancelled"}'; `default` for a labelled counter not counted yet."""
+    url = f"http://127.0.0.1:{server.generation_metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert found or default is not None, name
+    return float(found[1]) if found else default
+
+
+def wait_metric(server: ServerProcess, name: str, value: float, timeout: float, why: str = "") -> float:
+    """Seconds until the sample reads `value`; an AssertionError (saying `why`) after `timeout`."""
+    begin = time.monotonic()
+    while (now := time.monotonic()) - begin < timeout:
+        if metric(server, name) == value:
+            return now - begin
+        time.sleep(0.1)
+    raise AssertionError(f"{name} is {metric(server, name)}, not {value}, after {timeout} s {why}".rstrip())
+

@@ -29,7 +29,7 @@ from tritonclient.utils import InferenceServerException
 
 import client
 import server as server_module
-from serving import ServerProcess, running_server
+from serving import ServerProcess, metric, running_server, wait_metric
 
 MAX_BATCH_SIZE = 4
 SLOTS = 4
@@ -42,17 +42,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterato
     with running_server(tmp_path_factory.mktemp("bad-input"), cache_dir, "--max-batch-size", str(MAX_BATCH_SIZE),
                         "--decode-slots", str(SLOTS), "--model-instances", "2",
                         "--max-queue-size", str(MAX_BATCH_SIZE)) as srv:
-        wait_model_ready(srv, client.STREAM_MODEL_NAME)
         yield srv
-
-
-def wait_model_ready(srv: ServerProcess, model: str, timeout: float = 120) -> None:
-    """`running_server` waits for OPT only; Triton loads OPT_stream after it, a few seconds later."""
-    connection = httpclient.InferenceServerClient(f"127.0.0.1:{srv.http_port}")
-    try:
-        client.wait_until_ready(connection, timeout, model)
-    finally:
-        connection.close()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -92,20 +82,11 @@ class Answer:
     text: str | None = None
 
 
-def _tritonclient_tensors(lib: Any, inputs: Sequence[Tensor]) -> list[Any]:
-    tensors = []
-    for name, datatype, array in inputs:
-        infer_input = lib.InferInput(name, list(array.shape), datatype)
-        infer_input.set_data_from_numpy(array)
-        tensors.append(infer_input)
-    return tensors
-
-
 def send_http(srv: ServerProcess, model: str, inputs: Sequence[Tensor]) -> Answer:
     """tritonclient.http infer (binary tensors)."""
     connection = httpclient.InferenceServerClient(f"127.0.0.1:{srv.http_port}", network_timeout=TIMEOUT_S)
     try:
-        result = connection.infer(model, _tritonclient_tensors(httpclient, inputs))
+        result = connection.infer(model, client.triton_tensors(httpclient, inputs))
     except InferenceServerException as error:
         return Answer(str(error.status()), error.message())
     finally:
@@ -117,7 +98,7 @@ def send_grpc(srv: ServerProcess, model: str, inputs: Sequence[Tensor]) -> Answe
     """tritonclient.grpc infer (unary ModelInfer)."""
     connection = grpcclient.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}")
     try:
-        result = connection.infer(model, _tritonclient_tensors(grpcclient, inputs), client_timeout=TIMEOUT_S)
+        result = connection.infer(model, client.triton_tensors(grpcclient, inputs), client_timeout=TIMEOUT_S)
     except InferenceServerException as error:
         return Answer(str(error.status()), error.message())
     finally:
@@ -131,7 +112,7 @@ def send_grpc_stream(srv: ServerProcess, model: str, inputs: Sequence[Tensor]) -
     connection = grpcclient.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}")
     connection.start_stream(callback=lambda result, error: events.put((result, error)))
     try:
-        connection.async_stream_infer(model, _tritonclient_tensors(grpcclient, inputs),
+        connection.async_stream_infer(model, client.triton_tensors(grpcclient, inputs),
                                       enable_empty_final_response=True)
         pieces = []
         while True:
@@ -454,7 +435,7 @@ def test_a_long_stream_and_good_requests_are_served_while_the_catalogue_fails_be
     runner = threading.Thread(target=long_stream)
     runner.start()
     deadline = time.monotonic() + 30
-    while busy_slots(server) < 1:  # the stream is in its slot before the flood
+    while metric(server, "opt_busy_slots") < 1:  # the stream is in its slot before the flood
         assert time.monotonic() < deadline and runner.is_alive()
         time.sleep(0.05)
     cases = [(c, t) for c in CATALOGUE for t in c.via]
@@ -480,23 +461,6 @@ def test_a_long_stream_and_good_requests_are_served_while_the_catalogue_fails_be
 # ---------------------------------------------------------------------------------------------------
 
 
-def busy_slots(srv: ServerProcess) -> float:
-    """The generation metrics' opt_busy_slots gauge."""
-    url = f"http://127.0.0.1:{srv.generation_metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return float(re.search(r"^opt_busy_slots (\S+)$", text, re.MULTILINE).group(1))
-
-
-def wait_for_free_slots(srv: ServerProcess, timeout: float) -> bool:
-    """Whether every decode slot is free within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while busy_slots(srv) != 0:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 LONG = 1900  # tokens: a stream of this many runs for many seconds on the CPU
 
 
@@ -511,13 +475,13 @@ TIMED_OUT_STATUS = {"http": "500", "grpc": "StatusCode.INTERNAL", "grpc-stream":
 @pytest.mark.parametrize("transport", ["http", "grpc", "grpc-stream"])
 def test_a_request_past_its_timeout_seconds_fails_with_timed_out_and_frees_its_slot(server: ServerProcess,
                                                                                     reference: str, transport: str):
-    assert wait_for_free_slots(server, 60), "an earlier test left a row running"
+    wait_metric(server, "opt_busy_slots", 0, 60, why="an earlier test left a row running")
     began = time.monotonic()
     answer = TRANSPORTS[transport](server, DEFAULT_MODEL[transport],
                                    long_request(tensor("timeout_seconds", "FP32", 1.0)))
     assert TIMED_OUT.fullmatch(answer.message) and answer.status == TIMED_OUT_STATUS[transport], answer
     assert time.monotonic() - began < 10
-    assert wait_for_free_slots(server, 3)
+    wait_metric(server, "opt_busy_slots", 0, 3)
     assert good_request(server, PROTOCOL[transport]) == reference
 
 
@@ -537,7 +501,7 @@ class Streams:
             connection = grpcclient.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}")
             connection.start_stream(callback=lambda result, error: None)
             inputs = request("A long story:", length, tensor("ignore_eos", "BOOL", True))
-            connection.async_stream_infer("OPT_stream", _tritonclient_tensors(grpcclient, inputs))
+            connection.async_stream_infer("OPT_stream", client.triton_tensors(grpcclient, inputs))
             self.connections.append(connection)
 
     def cancel(self) -> None:
@@ -547,11 +511,6 @@ class Streams:
             connection.close()
 
 
-def queue_length(srv: ServerProcess) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{srv.generation_metrics_port}/metrics", timeout=10).read()
-    return float(re.search(r"^opt_queue_length (\S+)$", text.decode(), re.MULTILINE).group(1))
-
-
 OVERLOADED = (f"overloaded: {MAX_BATCH_SIZE} rows already wait for a decode slot and the queue holds {MAX_BATCH_SIZE} "
               "(--max-queue-size); retry later")
 OVERLOADED_STATUS = {"http": "503", "grpc": "StatusCode.UNAVAILABLE", "grpc-stream": "None", "http-sse": "400"}
@@ -559,20 +518,20 @@ OVERLOADED_STATUS = {"http": "503", "grpc": "StatusCode.UNAVAILABLE", "grpc-stre
 
 def test_a_full_queue_refuses_at_once_with_overloaded_and_serves_again_once_it_drains(server: ServerProcess,
                                                                                       reference: str):
-    assert wait_for_free_slots(server, 60), "an earlier test left a row running"
+    wait_metric(server, "opt_busy_slots", 0, 60, why="an earlier test left a row running")
     # Every slot busy. 800 tokens outlast the checks below (about 1 s); once the streams are cancelled the queue
     # drains at once.
     streams = Streams(server, SLOTS, 800)
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             deadline = time.monotonic() + 30
-            while busy_slots(server) < SLOTS:
+            while metric(server, "opt_busy_slots") < SLOTS:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             rows = [tensor("input", "BYTES", *[b"queued"] * MAX_BATCH_SIZE),
                     tensor("output_length", "INT64", *[3] * MAX_BATCH_SIZE)]
             queued = pool.submit(send_http, server, "OPT", rows)  # fills the queue: --max-queue-size rows
-            while queue_length(server) < MAX_BATCH_SIZE:
+            while metric(server, "opt_queue_length") < MAX_BATCH_SIZE:
                 assert time.monotonic() < deadline and not queued.done(), queued
                 time.sleep(0.05)
             for transport in ALL:
@@ -584,38 +543,38 @@ def test_a_full_queue_refuses_at_once_with_overloaded_and_serves_again_once_it_d
             assert queued.result().status == "ok"
     finally:
         streams.cancel()
-    assert wait_for_free_slots(server, 10)
+    wait_metric(server, "opt_busy_slots", 0, 10)
     assert good_request(server, "http") == reference
 
 
 def test_a_grpc_client_that_stops_its_stream_frees_its_slot(server: ServerProcess, reference: str):
-    assert wait_for_free_slots(server, 60), "an earlier test left a row running"
+    wait_metric(server, "opt_busy_slots", 0, 60, why="an earlier test left a row running")
     pieces: queue.Queue[Any] = queue.Queue()
     connection = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
     connection.start_stream(callback=lambda result, error: pieces.put((result, error)))
-    connection.async_stream_infer("OPT_stream", _tritonclient_tensors(grpcclient, long_request()))
+    connection.async_stream_infer("OPT_stream", client.triton_tensors(grpcclient, long_request()))
     for _ in range(10):  # generating
         result, error = pieces.get(timeout=TIMEOUT_S)
         assert error is None, error
-    assert busy_slots(server) == 1
+    assert metric(server, "opt_busy_slots") == 1
     connection.stop_stream(cancel_requests=True)
     connection.close()
-    assert wait_for_free_slots(server, 5), "the slot of a cancelled stream is still busy"
+    wait_metric(server, "opt_busy_slots", 0, 5, why="the slot of a cancelled stream is still busy")
     assert good_request(server, "grpc") == reference
 
 
 def test_an_http_client_that_closes_its_generate_stream_frees_its_slot(server: ServerProcess, reference: str):
-    assert wait_for_free_slots(server, 60), "an earlier test left a row running"
+    wait_metric(server, "opt_busy_slots", 0, 60, why="an earlier test left a row running")
     connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=TIMEOUT_S)
     connection.request("POST", "/v2/models/OPT_stream/generate_stream",
                        body=json.dumps({"input": "A long story:", "output_length": LONG, "ignore_eos": True}))
     response = connection.getresponse()
     for _ in range(10):  # generating: each event is a data line and a blank line
         assert response.readline()
-    assert busy_slots(server) == 1
+    assert metric(server, "opt_busy_slots") == 1
     connection.sock.close()
     connection.close()
-    assert wait_for_free_slots(server, 5), "the slot of a closed generate_stream is still busy"
+    wait_metric(server, "opt_busy_slots", 0, 5, why="the slot of a closed generate_stream is still busy")
     assert good_request(server, "http") == reference
 
 

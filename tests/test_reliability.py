@@ -6,35 +6,16 @@ import re
 import signal
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 import client
-from serving import ServerProcess, infer, running_server, start_server, wait_ready
+from serving import ServerProcess, infer, metric, running_server, start_server, wait_metric, wait_ready
 
 LONG = 1900  # tokens: random/tiny makes a few dozen a second here, so a row of this many outlives every test
 FOREVER = client.Sampling(ignore_eos=True)
-
-
-def metric(server: ServerProcess, name: str, default: float | None = None) -> float:
-    """A sample of the generation metrics; `default` for a labelled counter not counted yet."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.generation_metrics_port}/metrics", timeout=10).read()
-    found = re.search(rf"^{re.escape(name)} (\S+)$", text.decode(), re.MULTILINE)
-    assert found or default is not None, name
-    return float(found[1]) if found else default
-
-
-def wait_metric(server: ServerProcess, name: str, value: float, timeout: float) -> float:
-    """Seconds until the gauge reads `value`; fails after `timeout`."""
-    begin = time.monotonic()
-    while (now := time.monotonic()) - begin < timeout:
-        if metric(server, name) == value:
-            return now - begin
-        time.sleep(0.1)
-    raise AssertionError(f"{name} is {metric(server, name)}, not {value}, after {timeout} s")
 
 
 def stream(server: ServerProcess, prompt: str, length: int, sampling: client.Sampling = client.Sampling(),
