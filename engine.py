@@ -327,7 +327,8 @@ class Scheduler:
         window = self.shapes.window(min(t - int(self._first_valid[live].min()) + 1, self.shapes.max_positions))
         self._column = t + 1
         sampling = any(not self._slots[s].request.sampling.greedy for s in live)
-        return Plan(column=column, shift=shift, groups=groups, window=window, sampling=sampling)
+        rows = self.shapes.decode_batch(live[-1] + 1)  # admissions take the lowest free slots: live rows pack low
+        return Plan(column=column, shift=shift, groups=groups, window=window, rows=rows, sampling=sampling)
 
     def _retire(self, now: float) -> None:
         """Fails the cancelled requests and those past their deadline; frees their queue places and slots.

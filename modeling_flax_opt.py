@@ -153,31 +153,51 @@ def _layer_norm(config: OPTConfig, dtype: Any, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=dtype, use_bias=affine, use_scale=affine, name=name)
 
 
-def attend(q: jax.Array, keys: jax.Array, values: jax.Array, column: jax.Array, first_valid: jax.Array,
-           start: jax.Array | int = 0) -> jax.Array:
+def attend(q: jax.Array, keys: jax.Array, values: jax.Array, column: jax.Array, first_valid: jax.Array) -> jax.Array:
     """Softmax attention of T new queries over the row's cache columns, the new ones up to themselves.
 
-    q: [B, H, T, Dh] (already scaled), for columns column..column+T-1; keys, values: [B, H, W, Dh], cache
-    columns start..start+W-1 with the new keys and values in place; first_valid: [B]. Returns [B, H, T, Dh].
+    q: [B, H, T, Dh] (already scaled), for columns column..column+T-1; keys, values: [B, H, C, Dh], the
+    whole cache with the new keys and values in place; first_valid: [B]. Returns [B, H, T, Dh].
     Padding queries get finite garbage (they attend to at least their own column).
     """
-    T, W = q.shape[2], keys.shape[2]
+    T, C = q.shape[2], keys.shape[2]
     scores = jnp.einsum("bhtd,bhcd->bhtc", q, keys, preferred_element_type=jnp.float32)
-    cols = (start + jnp.arange(W))[None, None, :]  # [1, 1, W]
+    cols = jnp.arange(C)[None, None, :]  # [1, 1, C]
     query_cols = (column + jnp.arange(T))[None, :, None]  # [1, T, 1]
-    valid = (cols >= first_valid[:, None, None]) & (cols <= query_cols)  # [B, T, W]
+    valid = (cols >= first_valid[:, None, None]) & (cols <= query_cols)  # [B, T, C]
     scores = jnp.where(valid[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     return jnp.einsum("bhtc,bhcd->bhtd", probs, values).astype(q.dtype)
 
 
-def windowed(cache: jax.Array, new: jax.Array, column: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
-    """The `window` cache columns ending at the last new one, with the new [B, H, T, Dh] entries put in:
-    ([B, H, W, Dh], the window's first column). The cache itself is only read."""
-    T, C = new.shape[2], cache.shape[2]
-    start = jnp.clip(column + T - window, 0, C - window).astype(jnp.int32)
-    part = jax.lax.dynamic_slice_in_dim(cache, start, window, axis=2)
-    return jax.lax.dynamic_update_slice(part, new.astype(part.dtype), (0, 0, column - start, 0)), start
+def attend_window(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+                  column: jax.Array, first_valid: jax.Array, window: int) -> jax.Array:
+    """One new query per row over the `window` cache columns before it and its own new key and value.
+
+    q, k, v: [B, H, 1, Dh] (q already scaled), for column `column`; cache_k, cache_v: [B, H, C, Dh], only
+    read (column `column` itself is not written yet: its new entry is `k`, `v`); first_valid: [B].
+    Returns [B, H, 1, Dh].
+
+    Written as products and sums in float32, not as einsums: with one query a batched matmul is B x H
+    tiny matrix-vector products, which XLA:CPU ran at a few MFLOP/s, and an einsum over the window needs
+    the window copied out of the cache with the new column put in. Here the window's dynamic slice is
+    fused into the loops that read it, and the new column joins the softmax on its own.
+    """
+    C = cache_k.shape[2]
+    start = jnp.clip(column + 1 - window, 0, C - window).astype(jnp.int32)
+    keys = jax.lax.dynamic_slice_in_dim(cache_k, start, window, axis=2)  # [B, H, W, Dh]
+    values = jax.lax.dynamic_slice_in_dim(cache_v, start, window, axis=2)  # [B, H, W, Dh]
+    f32 = lambda x: x.astype(jnp.float32)
+    old = jnp.sum(f32(q) * f32(keys), axis=-1)  # [B, H, W]
+    cols = start + jnp.arange(window)  # [W]
+    valid = (cols[None, :] >= first_valid[:, None]) & (cols[None, :] < column)  # [B, W]
+    old = jnp.where(valid[:, None, :], old, -jnp.inf)
+    new = jnp.sum(f32(q) * f32(k), axis=-1)  # [B, H, 1]
+    top = jnp.maximum(jnp.max(old, axis=-1, keepdims=True), new)  # [B, H, 1]: finite, `new` is
+    p_old, p_new = jnp.exp(old - top), jnp.exp(new - top)  # [B, H, W], [B, H, 1]
+    total = jnp.sum(p_old, axis=-1, keepdims=True) + p_new  # [B, H, 1]
+    mixed = jnp.sum(p_old[..., None] * f32(values), axis=2, keepdims=True) + p_new[..., None] * f32(v)  # [B, H, 1, Dh]
+    return (mixed / total[..., None]).astype(q.dtype)
 
 
 class OPTAttention(nn.Module):
@@ -200,13 +220,14 @@ class OPTAttention(nn.Module):
         k = heads(_dense(D, bias, self.dtype, "k_proj")(x))
         v = heads(_dense(D, bias, self.dtype, "v_proj")(x))
         if window is not None:  # read W columns, not C; the caller writes the new ones (see the module doc)
-            keys, start = windowed(cache_k, k, column, window)
-            values, _ = windowed(cache_v, v, column, window)
+            if T != 1:
+                raise ValueError(f"a windowed call decodes one token per row, got {T}")
+            out = attend_window(q, k, v, cache_k, cache_v, column, first_valid, window)
             cache_k, cache_v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
         else:
             cache_k, cache_v = write_cache(cache_k, k, column), write_cache(cache_v, v, column)
-            keys, values, start = cache_k, cache_v, 0
-        out = attend(q, keys, values, column, first_valid, start).transpose(0, 2, 1, 3).reshape(B, T, D)
+            out = attend(q, cache_k, cache_v, column, first_valid)
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, D)
         return _dense(D, bias, self.dtype, "out_proj")(out), cache_k, cache_v
 
 

@@ -49,18 +49,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
                         help="where hub downloads and compiled programs are kept")
     parser.add_argument("--tokenizer", default=None, help="tokenizer hub name or folder (default: the model's own)")
-    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
-                        help="dtype the parameters are stored and computed in")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
+                        help="dtype the parameters are stored and computed in; auto: float16 on GPUs, as the "
+                             "original example, and float32 on CPUs, where XLA's FP16 matrix products are slow")
     parser.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port")
     parser.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Triton metrics port")
     parser.add_argument("--bind-address", default="0.0.0.0", help="address Triton's HTTP, gRPC and metrics bind to")
     parser.add_argument("--generation-metrics-port", type=int, default=8003,
                         help="port of the generation metrics (Prometheus text format, /metrics); 0: none")
-    parser.add_argument("--model-instances", type=int, default=4,
-                        help="Triton model instances of `OPT`: how many of its requests are taken at once (each is a "
-                             "Python stub process; PyTriton's 1 s handshake fails with many on few cores). "
-                             "`OPT_stream` takes any number at once with one instance")
+    parser.add_argument("--model-instances", type=int, default=1,
+                        help="Triton model instances (Python stub processes) of `OPT`; each hands any number of "
+                             "requests to the engine at once, so one is enough (PyTriton's 1 s handshake fails with "
+                             "many on few cores)")
     parser.add_argument("--decode-slots", type=int, default=16,
                         help="sequences decoded at once: the KV cache holds this many, allocated at start")
     parser.add_argument("--max-prefill-tokens", type=int, default=4096,
@@ -180,7 +181,10 @@ def build_runner(args: argparse.Namespace) -> tuple[Any, Any]:
     opt_utils.enable_compilation_cache(args.cache_dir)
     config = opt_utils.model_config(args.model_name, args.cache_dir)
     mesh = opt_utils.make_mesh(mesh_devices(args.number_of_gpus), config)
-    model = opt_utils.build_model(config, dtype=jnp.dtype(args.dtype), mesh=mesh)
+    dtype = opt_utils.resolve_dtype(args.dtype, mesh.devices.flat[0].platform)
+    LOGGER.info("parameters and computation in %s (--dtype %s on %s)", dtype.name, args.dtype,
+                mesh.devices.flat[0].platform)
+    model = opt_utils.build_model(config, dtype=dtype, mesh=mesh)
     begin = time.perf_counter()
     if opt_utils.is_random(args.model_name):
         params = opt_utils.random_params(model, mesh)
@@ -527,9 +531,9 @@ class GroupError(RuntimeError):
     """The group cannot form, or lost a rank: every rank exits non-zero so that an orchestrator restarts it."""
 
 
-WIRE_FORMAT = 2
+WIRE_FORMAT = 3
 KIND_STOP, KIND_STEP = 0, 1
-HEADER_WORDS = 9  # format, kind, column, shift, window, sampling, groups, rows, tokens
+HEADER_WORDS = 10  # format, kind, column, shift, window, decode rows, sampling, groups, rows, tokens
 GROUP_WORDS = 3  # compiled rows, prompt bucket, admissions
 ROW_WORDS = 9  # slot, prompt length, max new tokens, temperature, top_k, top_p, seed low, seed high, ignore_eos
 
@@ -538,8 +542,8 @@ def encode_plan(plan: Any | None) -> bytes:
     """One channel message: an opt_utils.Plan, or None for "stop".
 
     Wire format, little-endian 32-bit words, nothing pickled:
-        HEADER_WORDS: WIRE_FORMAT, kind (KIND_STEP or KIND_STOP), column, shift, window, sampling (0 or 1),
-            G groups, R rows, N tokens
+        HEADER_WORDS: WIRE_FORMAT, kind (KIND_STEP or KIND_STOP), column, shift, window, decode rows,
+            sampling (0 or 1), G groups, R rows, N tokens
         G x GROUP_WORDS: each prefill group's compiled row count, prompt bucket and number of admissions
         R x ROW_WORDS: each admitted row, in group order: slot, prompt length, max new tokens, temperature
             (float32 bits), top_k, top_p (float32 bits), seed low and high words, ignore_eos
@@ -557,8 +561,8 @@ def encode_plan(plan: Any | None) -> bytes:
         rows[i] = [a.slot, len(a.request.tokens), a.request.max_new_tokens, _float_bits(s.temperature), s.top_k,
                    _float_bits(s.top_p), _signed(lo), _signed(hi), int(s.ignore_eos)]
     tokens = [t for a in admissions for t in a.request.tokens]
-    header = [WIRE_FORMAT, KIND_STEP, plan.column, plan.shift, plan.window, int(plan.sampling), len(plan.groups),
-              len(admissions), len(tokens)]
+    header = [WIRE_FORMAT, KIND_STEP, plan.column, plan.shift, plan.window, plan.rows, int(plan.sampling),
+              len(plan.groups), len(admissions), len(tokens)]
     groups = [w for g in plan.groups for w in (g.rows, g.prompt_bucket, len(g.admissions))]
     return np.concatenate([np.asarray(header + groups, "<i4"), rows.reshape(-1), np.asarray(tokens, "<i4")]).tobytes()
 
@@ -579,7 +583,7 @@ def decode_plan(message: bytes) -> Any | None:
     if len(words) < HEADER_WORDS or words[0] != WIRE_FORMAT or words[1] not in (KIND_STOP, KIND_STEP):
         raise GroupError(f"malformed channel message (header {words[:HEADER_WORDS].tolist()}); "
                          "are all ranks the same version?")
-    column, shift, window, sampling, n_groups, n_rows, n_tokens = (int(w) for w in words[2:HEADER_WORDS])
+    column, shift, window, decode_rows, sampling, n_groups, n_rows, n_tokens = (int(w) for w in words[2:HEADER_WORDS])
     rows_at = HEADER_WORDS + GROUP_WORDS * n_groups
     tokens_at = rows_at + ROW_WORDS * n_rows
     if min(n_groups, n_rows, n_tokens) < 0 or len(words) != tokens_at + n_tokens:
@@ -603,7 +607,8 @@ def decode_plan(message: bytes) -> Any | None:
     for b, bucket, count in groups_words.tolist():
         groups.append(opt_utils.PrefillGroup(b, bucket, tuple(admissions[first : first + count])))
         first += count
-    return opt_utils.Plan(column=column, shift=shift, groups=tuple(groups), window=window, sampling=bool(sampling))
+    return opt_utils.Plan(column=column, shift=shift, groups=tuple(groups), window=window, rows=decode_rows,
+                          sampling=bool(sampling))
 
 
 INTERRUPTED = object()  # Channel.receive's answer when its wait was cut short, not a message

@@ -10,17 +10,22 @@ the callable would generate for nobody. When $OPT_CANCEL_SOCKET is set, each PyT
 parameter naming its triton request, and a thread polls the in-flight triton requests' `is_cancelled()`,
 sending each cancelled one's key as one datagram to that Unix socket (the server listens there).
 
-PyTriton 0.7 also answers every failure of the callable with its whole traceback as an internal error
-(non-decoupled: `execute` raises it for all requests of the call, behind Triton's "Model execute error"
-prefix). Here each failed request gets its own error response instead: only the final exception's text,
-with a code after its class (`triton_error`): bad parameters INVALID_ARG (HTTP 400), the engine's
-refusals UNAVAILABLE (HTTP 503), the rest INTERNAL. The server process logs the whole traceback.
-Without $OPT_CANCEL_SOCKET this is PyTriton's model with these error responses.
+PyTriton 0.7 also answers every failure of the callable with its whole traceback as an internal error.
+Here each failed request gets its own error response instead: only the final exception's text, with a
+code after its class (`triton_error`): bad parameters INVALID_ARG (HTTP 400), the engine's refusals
+UNAVAILABLE (HTTP 503), the rest INTERNAL. The server process logs the whole traceback.
+
+Every model, decoupled or not, answers through its requests' response senders
+(`responding_through_senders`), so `execute` returns at once and one model instance holds any number of
+requests. Without $OPT_CANCEL_SOCKET this is PyTriton's model with these two changes. Besides its
+`_wrap_request`, `_requests` and handlers, this reads two more of PyTriton 0.7's internals:
+`_requests_server._server._handle_responses_fn` and the decoupled flag of `initialize`'s model config.
 """
 from __future__ import annotations
 
 import functools
 import itertools
+import json
 import os
 import re
 import socket
@@ -104,30 +109,6 @@ class _PbUtilsForPyTriton:
         return triton_error(error) if code is None else pb_utils.TritonError(error, code)
 
 
-class _ErrorsAsResponses:
-    """The future the non-decoupled handler completes: an error (a TritonModelException of the payload)
-    becomes one error response per request, so `execute` returns them instead of raising."""
-
-    def __init__(self, future: Any, count: int):
-        self._future = future
-        self._count = count
-
-    def set_result(self, result: Any) -> None:
-        if isinstance(result, pb_utils.TritonModelException):
-            error = triton_error(str(result))
-            result = [pb_utils.InferenceResponse(error=error) for _ in range(self._count)]
-        self._future.set_result(result)
-
-
-def _errors_as_responses(handle_responses: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(handle_responses)
-    async def wrapper(self: Any, scope: dict[str, Any], responses_queue: Any, responses_future: Any) -> Any:
-        count = len(self._requests_map[scope["requests_id"]])
-        return await handle_responses(self, scope, responses_queue, _ErrorsAsResponses(responses_future, count))
-
-    return wrapper
-
-
 def _wrap_request_with_key(original: Callable[..., Any]) -> Callable[..., Any]:
     """PyTriton's request wrapping, then our key in the parameters, replacing whatever a client sent there."""
     @functools.wraps(original)
@@ -166,6 +147,41 @@ def _marking_final(handle_responses: Callable[..., Any]) -> Callable[..., Any]:
     async def wrapper(self: Any, scope: dict[str, Any], responses_queue: Any, responses_future: Any) -> Any:
         return await handle_responses(self, scope, _MarkFinal(responses_queue, scope["requests_id"]),
                                       responses_future)
+
+    return wrapper
+
+
+class _OneFinalResponse:
+    """The responses queue of a model that is not decoupled: its one response comes with the final flag.
+
+    PyTriton sends the callable's answer, then an empty end-of-stream item. Sent as they come (a response,
+    then an empty final one), a gRPC stream to a non-decoupled model never delivers the response; so the
+    answer is held until its end comes and goes out with it, as one final response.
+    """
+
+    def __init__(self, queue: Any):
+        self._queue = queue
+
+    async def get(self) -> Any:
+        flags, payload = await self._queue.get()
+        if flags & (pytriton_model.PyTritonResponseFlags.EOS | pytriton_model.PyTritonResponseFlags.ERROR):
+            return flags, payload
+        end_flags, end_payload = await self._queue.get()
+        self._queue.task_done()  # the held answer's: the handler sees one item for the two
+        if end_flags & pytriton_model.PyTritonResponseFlags.ERROR:
+            return end_flags, end_payload  # an error after the answer: the error goes out
+        if not end_flags & pytriton_model.PyTritonResponseFlags.EOS:  # PyTriton's own handler asserts here
+            return (pytriton_model.PyTritonResponseFlags.ERROR | pytriton_model.PyTritonResponseFlags.EOS,
+                    b"the callable of a model that is not decoupled gave more than one answer")
+        return end_flags, payload  # the end item carries nothing
+
+    def task_done(self) -> None:
+        self._queue.task_done()
+
+
+def _answering_once(handle_responses: Callable[..., Any]) -> Callable[..., Any]:
+    async def wrapper(scope: dict[str, Any], responses_queue: Any, responses_future: Any) -> Any:
+        return await handle_responses(scope, _OneFinalResponse(responses_queue), responses_future)
 
     return wrapper
 
@@ -217,13 +233,27 @@ def _send(sock: socket.socket, key: str, path: str) -> None:
 
 
 pytriton_model.pb_utils = _PbUtilsForPyTriton()
-pytriton_model.BatchResponsesHandler.handle_responses = _errors_as_responses(
-    pytriton_model.BatchResponsesHandler.handle_responses)
 if _REPORT_TO:
     pytriton_model.TritonRequestsServer._wrap_request = _wrap_request_with_key(
         pytriton_model.TritonRequestsServer._wrap_request)
-    for _handler in (pytriton_model.BatchResponsesHandler, pytriton_model.DecoupledResponsesHandler):
-        _handler.handle_responses = _marking_final(_handler.handle_responses)
+    pytriton_model.DecoupledResponsesHandler.handle_responses = _marking_final(  # every model's, see above
+        pytriton_model.DecoupledResponsesHandler.handle_responses)
+
+
+def responding_through_senders(args: dict[str, str]) -> dict[str, str]:
+    """The stub's arguments with the model read as decoupled by PyTriton's proxy (not by Triton).
+
+    PyTriton's non-decoupled path blocks `execute` until the callable's answer comes, so a model instance
+    holds one request at a time and Triton queues the rest: the engine never saw more of `OPT`'s requests
+    than its instances, however many decode slots were free. Its decoupled path hands the requests over,
+    returns from `execute` at once and answers through each request's response sender, which Triton's
+    Python backend also allows a non-decoupled model (one response, then the final flag). So each
+    instance takes any number of requests, and each request still gets its own answer or error. (The
+    model that is not decoupled then sends its one response with the final flag: `_OneFinalResponse`.)
+    """
+    config = json.loads(args["model_config"])
+    config.setdefault("model_transaction_policy", {})["decoupled"] = True
+    return {**args, "model_config": json.dumps(config)}
 
 
 class TritonPythonModel(pytriton_model.TritonPythonModel):
@@ -232,7 +262,11 @@ class TritonPythonModel(pytriton_model.TritonPythonModel):
     def initialize(self, args: dict[str, str]) -> None:
         self._cancel_stop = threading.Event()
         self._cancel_poller: threading.Thread | None = None
-        super().initialize(args)
+        decoupled = json.loads(args["model_config"]).get("model_transaction_policy", {}).get("decoupled", False)
+        super().initialize(responding_through_senders(args))
+        if not decoupled:  # the handler PyTriton's requests server calls for every batch of requests
+            server = self._requests_server._server
+            server._handle_responses_fn = _answering_once(server._handle_responses_fn)
         if _REPORT_TO:
             self._cancel_poller = threading.Thread(target=_report_cancellations, name="opt-cancel-poller",
                                                    args=(self, _REPORT_TO, self._cancel_stop), daemon=True)

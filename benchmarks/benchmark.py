@@ -8,11 +8,14 @@ With --number-of-nodes N > 1 the same batch also goes through a group of N serve
 that the cost of crossing processes is measured on the same model, devices and batch. On the CPU the
 devices are simulated (XLA_FLAGS=--xla_force_host_platform_device_count, set here when missing).
 
-"Generation alone" runs the engine in this process: an opt_utils.SlotRunner with one decode slot
-per row (the server's shapes otherwise) stepped by an engine.Scheduler, the whole batch submitted at
-once. "Through the server" starts `server.py` with the same model and settings (`--decode-slots` the
-batch size) on loopback ports (after the direct runs, so the two never share the CPU), sends the same
-batch as one Triton request and compares its latency with the direct generation of the same tokens.
+"Generation alone" runs the engine in this process: an opt_utils.SlotRunner with the server's shapes
+(--decode-slots, default the server's 16) stepped by an engine.Scheduler, the whole batch submitted at
+once. "Through the server" starts `server.py` with the original example's flags (`--model-name`,
+`--number-of-gpus`; `--dtype` and `--decode-slots` only when given here) on loopback ports (after the
+direct runs, so the two never share the CPU), sends the same batch as one Triton request to `OPT` and
+compares its latency with the direct generation of the same tokens. --transformers adds transformers'
+PyTorch `generate` (float32, greedy, EOS ignored) on the same prompts with random weights of the same
+shape, in this process, as the plain alternative a user would measure us against.
 Every prompt is `prompt-length` tokens (OPT's BOS included) and every row ignores EOS, so each
 generates exactly `output-length` tokens; the script counts the tokens actually generated.
 """
@@ -36,7 +39,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-name", default="random/125M")
-    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
+                        help="as server.py's --dtype (auto: float16 on GPUs, float32 on CPUs)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--prompt-length", type=int, default=32, help="prompt tokens per row, BOS included")
     parser.add_argument("--output-length", type=int, default=64, help="tokens generated per row")
@@ -48,10 +52,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-server", action="store_true", help="measure the generation alone")
     parser.add_argument("--time-to-ready", action="store_true",
                         help="only measure the server's time to ready, cold (empty cache) then warm")
-    parser.add_argument("--decode-slots", type=int, default=None,
-                        help="the server's --decode-slots for --time-to-ready (default: the server's 16)")
+    parser.add_argument("--decode-slots", type=int, default=DEFAULT_DECODE_SLOTS,
+                        help="the engine's decode slots, alone and through the server (default: the server's)")
+    parser.add_argument("--transformers", action="store_true",
+                        help="also time transformers' generate (PyTorch, float32) on the same batch")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     return parser.parse_args()
+
+
+DEFAULT_DECODE_SLOTS = 16  # server.py's --decode-slots default
+
+
+def server_flags(args: argparse.Namespace) -> list[str]:
+    """What a server leg adds to the original example's flags: only what was asked for here."""
+    flags = [] if args.dtype == "auto" else ["--dtype", args.dtype]
+    if args.decode_slots != DEFAULT_DECODE_SLOTS:
+        flags += ["--decode-slots", str(args.decode_slots)]
+    return flags
 
 
 def prompt_text(prompt_length: int) -> str:
@@ -70,14 +87,15 @@ def direct(args: argparse.Namespace) -> dict:
     opt_utils.enable_compilation_cache(args.cache_dir)
     config = opt_utils.model_config(args.model_name, args.cache_dir)
     mesh = opt_utils.make_mesh(jax.local_devices()[: args.number_of_gpus * args.number_of_nodes], config)
-    model = opt_utils.build_model(config, dtype=jnp.dtype(args.dtype), mesh=mesh)
+    model = opt_utils.build_model(config, dtype=opt_utils.resolve_dtype(args.dtype, mesh.devices.flat[0].platform),
+                                  mesh=mesh)
     params = (opt_utils.random_params(model, mesh) if opt_utils.is_random(args.model_name)
               else opt_utils.load_params(opt_utils.model_dir(args.model_name, args.cache_dir), model, mesh))
     tokenizer = opt_utils.load_tokenizer(args.model_name, None, args.cache_dir, config)
     tokens = tuple(tokenizer.encode(prompt_text(args.prompt_length)))
     assert len(tokens) == args.prompt_length, (len(tokens), args.prompt_length)
-    # The server's shapes (chunk, prefill bound) with one slot per row: every program it would compile.
-    shapes = opt_utils.SlotShapes.make(slots=args.batch_size, max_positions=config.max_position_embeddings)
+    # The server's shapes: every program it would compile.
+    shapes = opt_utils.SlotShapes.make(slots=args.decode_slots, max_positions=config.max_position_embeddings)
     runner = opt_utils.SlotRunner(model=model, params=params, mesh=mesh, shapes=shapes)
     compile_s = runner.warm_up()
     scheduler = engine.Scheduler(runner, eos_id=config.eos_token_id)
@@ -93,7 +111,26 @@ def direct(args: argparse.Namespace) -> dict:
         "latency_s": total,
         "compile_s": compile_s,
         "device": str(jax.devices()[0].device_kind),
+        "dtype": str(model.dtype.name if hasattr(model.dtype, "name") else model.dtype),
     }
+
+
+def with_transformers(args: argparse.Namespace) -> dict:
+    """transformers' generate on the same batch (float32, random weights of the same shape): median of the runs."""
+    import torch
+
+    import opt_utils
+    from load import hf_batch, hf_model
+
+    config = opt_utils.model_config(args.model_name, args.cache_dir)
+    tokenizer = opt_utils.load_tokenizer(args.model_name, None, args.cache_dir, config)
+    batch = [tokenizer.encode(prompt_text(args.prompt_length))] * args.batch_size
+    model = hf_model(config, "float32", seed=0)
+    hf_batch(model, batch, args.output_length, config.pad_token_id)  # untimed: PyTorch's one-time costs
+    runs = [hf_batch(model, batch, args.output_length, config.pad_token_id) for _ in range(args.repeats)]
+    total = statistics.median(total for _, total in runs)
+    return {"tokens_per_s": args.batch_size * args.output_length / total, "latency_s": total,
+            "ttft_s": statistics.median(ttft for ttft, _ in runs), "threads": torch.get_num_threads()}
 
 
 def timed_batch(scheduler: Any, requests: list) -> dict:
@@ -114,8 +151,7 @@ def through_server(args: argparse.Namespace, generated: int, *, nodes: int, gpus
     from client import Sampling
     from serving import infer, start_group, start_server, wait_ready
 
-    extra = ("--dtype", args.dtype, "--max-batch-size", str(args.batch_size), "--decode-slots", str(args.batch_size),
-             "--generation-metrics-port", "0")
+    extra = (*server_flags(args), "--generation-metrics-port", "0")
     with tempfile.TemporaryDirectory() as tmp:
         if nodes == 1:
             ranks = [start_server(Path(tmp), Path(args.cache_dir), *extra, "--number-of-gpus", str(gpus),
@@ -149,9 +185,7 @@ def time_to_ready(args: argparse.Namespace) -> dict:
     """Seconds from `python server.py` to a ready model: with an empty cache dir, then again with it."""
     from serving import start_server, wait_ready
 
-    extra = ["--dtype", args.dtype, "--number-of-gpus", str(args.number_of_gpus), "--generation-metrics-port", "0"]
-    if args.decode_slots:
-        extra += ["--decode-slots", str(args.decode_slots)]
+    extra = [*server_flags(args), "--number-of-gpus", str(args.number_of_gpus), "--generation-metrics-port", "0"]
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("cold", "warm"):
@@ -172,12 +206,14 @@ def main() -> int:
     simulate_cpu_devices(args.number_of_gpus * args.number_of_nodes)
     if args.time_to_ready:
         ready = time_to_ready(args)
-        print(f"{args.model_name} {args.dtype}, --decode-slots {args.decode_slots or 16}: ready in "
+        print(f"{args.model_name} {args.dtype}, --decode-slots {args.decode_slots}: ready in "
               f"{ready['cold']:.1f} s cold (empty compilation cache), {ready['warm']:.1f} s warm")
         return 0
     alone = direct(args)
-    result = {"model": args.model_name, "dtype": args.dtype, "batch": args.batch_size,
-              "prompt": args.prompt_length, "output": args.output_length, "alone": alone}
+    result = {"model": args.model_name, "dtype": args.dtype, "batch": args.batch_size, "decode_slots": args.decode_slots,
+              "prompt": args.prompt_length, "output": args.output_length, "alone": alone, "cpu": cpu_line()}
+    if args.transformers:
+        result["transformers"] = with_transformers(args)
     if not args.skip_server:
         devices = args.number_of_gpus * args.number_of_nodes
         served = through_server(args, alone["tokens"], nodes=1, gpus=devices)
@@ -190,8 +226,9 @@ def main() -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{args.model_name} {args.dtype} on {alone['device']}: batch {args.batch_size}, "
-          f"prompt {args.prompt_length}, output {args.output_length}")
+    print(f"{args.model_name} {alone['dtype']} (--dtype {args.dtype}) on {alone['device']}, {args.decode_slots} "
+          f"decode slots: batch {args.batch_size}, prompt {args.prompt_length}, output {args.output_length}")
+    print(f"  cpu: {result['cpu']}")
     print(f"  generation alone : {alone['tokens_per_s']:8.1f} tokens/s, first token {alone['ttft_s'] * 1e3:7.1f} ms, "
           f"batch {alone['latency_s']:.3f} s (compile {alone['compile_s']:.1f} s)")
     if "server" in result:
@@ -203,7 +240,26 @@ def main() -> int:
         print(f"  {g['processes']} processes x {g['devices_per_process']} devices: {g['tokens_per_s']:8.1f} tokens/s, "
               f"request {g['latency_s']:.3f} s ({g['overhead'] * 100:+.1f}% over 1 process x "
               f"{args.number_of_gpus * args.number_of_nodes} devices; ready in {g['ready_s']:.1f} s)")
+    if "transformers" in result:
+        t = result["transformers"]
+        print(f"  transformers     : {t['tokens_per_s']:8.1f} tokens/s, first token {t['ttft_s'] * 1e3:7.1f} ms "
+              f"(float32, {t['threads']} threads); ours alone {alone['tokens_per_s'] / t['tokens_per_s']:.2f}x"
+              + (f", through the server {result['server']['tokens_per_s'] / t['tokens_per_s']:.2f}x"
+                 if "server" in result else ""))
     return 0
+
+
+def cpu_line() -> str:
+    """The CPU's model name, core count and whether it has AVX-512 BF16 (numbers depend on them)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    simd = "avx512_bf16" if "avx512_bf16" in flags else "avx512f" if "avx512f" in flags else \
+        "avx2" if "avx2" in flags else "no avx2"
+    return f"{names[0] if names else 'unknown'} x {len(names)} ({simd})"
 
 
 def simulate_cpu_devices(count: int) -> None:

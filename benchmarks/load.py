@@ -387,7 +387,8 @@ def summarize(name: str, run: LoadRun, short: ShortRequests) -> Summary:
 
 def server_flags(args: argparse.Namespace) -> list[str]:
     """The flags every server of one comparison gets (the one-batch server one more)."""
-    return ["--dtype", args.dtype, "--number-of-gpus", str(args.number_of_gpus), *args.server_arg]
+    dtype = [] if args.dtype == "auto" else ["--dtype", args.dtype]  # auto: the server's own default
+    return [*dtype, "--number-of-gpus", str(args.number_of_gpus), *args.server_arg]
 
 
 @contextlib.contextmanager
@@ -539,7 +540,7 @@ def hf_model(config: Any, dtype: str, seed: int) -> Any:
 
 def hf_baseline(args: argparse.Namespace, specs: Sequence[RequestSpec], config: Any, tokenizer: Any) -> Summary:
     """The same requests through transformers' generate, one round of --clients requests at a time."""
-    model = hf_model(config, args.dtype, args.seed)
+    model = hf_model(config, "float32" if args.dtype == "auto" else args.dtype, args.seed)
     batches = rounds(specs)
     # Untimed: PyTorch's first call pays one-time costs that the servers paid before reporting ready.
     hf_batch(model, [tokenizer.encode(spec.prompt) for spec in batches[0]], 2, config.pad_token_id)
@@ -657,8 +658,8 @@ run_names = subset_of(RUNS, "runs")
 def add_started_server_flags(group: Any, *, model_name: str) -> None:
     """The flags of the servers a load script starts: model, dtype, extra server.py arguments, cache, patience."""
     group.add_argument("--model-name", default=model_name)
-    group.add_argument("--dtype", default="float32", choices=("float16", "bfloat16", "float32"),
-                       help="float32 by default: fastest on a CPU (see the README)")
+    group.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
+                       help="the servers' --dtype (auto: theirs, float32 on CPUs and float16 on GPUs)")
     group.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                        help="one more server.py argument for every server (repeatable), e.g. "
                             "--server-arg=--model-instances=8")

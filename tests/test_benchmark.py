@@ -11,7 +11,8 @@ from serving import ROOT
 def test_benchmark_reports_generation_alone_through_the_server_and_through_a_two_process_group():
     command = [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--model-name", "random/tiny",
                "--dtype", "float32", "--batch-size", "2", "--prompt-length", "8", "--output-length", "6",
-               "--repeats", "1", "--number-of-nodes", "2", "--number-of-gpus", "1", "--json"]
+               "--repeats", "1", "--number-of-nodes", "2", "--number-of-gpus", "1", "--decode-slots", "2",
+               "--transformers", "--json"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -22,3 +23,5 @@ def test_benchmark_reports_generation_alone_through_the_server_and_through_a_two
     assert (server["processes"], server["devices_per_process"]) == (1, 2)
     assert (group["processes"], group["devices_per_process"]) == (2, 1)
     assert group["latency_s"] > 0 and group["tokens_per_s"] > 0
+    assert report["transformers"]["tokens_per_s"] > 0 and report["transformers"]["latency_s"] > 0
+    assert report["decode_slots"] == 2 and report["cpu"]

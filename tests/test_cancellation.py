@@ -491,21 +491,43 @@ def test_a_triton_without_cancelled_answers_a_cancelled_request_internal(stub_mo
     assert (error.message, error.code) == ("cancelled: the client closed the request", "INTERNAL")
 
 
-def test_the_non_decoupled_handlers_error_becomes_one_error_response_per_request(stub_module: Any):
+def test_pytritons_errors_carry_the_final_exceptions_code_and_an_explicit_code_is_kept(stub_module: Any):
     import triton_python_backend_utils as pb_utils
 
-    future: concurrent.futures.Future = concurrent.futures.Future()
-    stub_module._ErrorsAsResponses(future, 2).set_result(
-        pb_utils.TritonModelException(formatted(FAILURE["overloaded"].raise_it)))
-    assert future.result() == [("response", OVERLOADED, "UNAVAILABLE")] * 2
-    future = concurrent.futures.Future()
-    stub_module._ErrorsAsResponses(future, 1).set_result(["a response"])
-    assert future.result() == ["a response"]
-    # PyTriton's module makes its TritonErrors through us; an explicit code is kept
-    seen_by_pytriton = stub_module.pytriton_model.pb_utils
+    seen_by_pytriton = stub_module.pytriton_model.pb_utils  # PyTriton's module makes its TritonErrors through us
     assert seen_by_pytriton.TritonError(formatted(FAILURE["draining"].raise_it)).code == "UNAVAILABLE"
     assert seen_by_pytriton.TritonError("x", "NOT_FOUND").code == "NOT_FOUND"
     assert seen_by_pytriton.TritonModelException is pb_utils.TritonModelException
+
+
+def test_a_model_that_is_not_decoupled_sends_its_answer_with_the_end_as_one_final_response(stub_module: Any):
+    flags = stub_module.pytriton_model.PyTritonResponseFlags
+    end, error = flags.EOS, flags.ERROR | flags.EOS
+
+    async def read(*items: Any) -> tuple[list[Any], int]:
+        queue: asyncio.Queue = asyncio.Queue()
+        for item in items:
+            queue.put_nowait(item)
+        once = stub_module._OneFinalResponse(queue)
+        got = []
+        while not got or not got[-1][0] & flags.EOS:
+            got.append(await once.get())
+            once.task_done()
+        return got, queue._unfinished_tasks  # every item PyTriton queued is marked done
+
+    assert asyncio.run(read((flags(0), b"answer"), (end, None))) == ([(end, b"answer")], 0)
+    assert asyncio.run(read((error, b"refused"))) == ([(error, b"refused")], 0)  # an error alone passes as it is
+    assert asyncio.run(read((flags(0), b"answer"), (error, b"late"))) == ([(error, b"late")], 0)
+    (item,), _ = asyncio.run(read((flags(0), b"one"), (flags(0), b"two"), (end, None)))
+    assert item == (error, b"the callable of a model that is not decoupled gave more than one answer")
+
+
+def test_the_stub_tells_pytriton_every_model_is_decoupled_and_leaves_the_rest_of_the_config(stub_module: Any):
+    config = {"name": "OPT", "max_batch_size": 256, "input": [{"name": "input"}]}
+    args = {"model_name": "OPT", "model_config": json.dumps(config)}
+    seen = stub_module.responding_through_senders(args)
+    assert json.loads(seen["model_config"]) == {**config, "model_transaction_policy": {"decoupled": True}}
+    assert seen["model_name"] == "OPT" and json.loads(args["model_config"]) == config  # the original is untouched
 
 
 def kind_input(lib: Any, kind: str) -> Any:

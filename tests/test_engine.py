@@ -151,6 +151,30 @@ def test_requests_submitted_between_steps_in_any_order_each_equal_the_request_al
         assert sequence.future.result(timeout=0) == naive(MIXED[index]), index
 
 
+def test_a_decode_step_runs_the_fewest_compiled_rows_that_cover_the_live_slots(runner: SlotRunner, naive) -> None:
+    assert runner.shapes.decode_rows == (1, 2, 4)
+    engine, recorder = scheduler(runner)
+    assert engine.generate([MIXED[0]]) == [naive(MIXED[0])]
+    assert {p.rows for p in recorder.plans} == {1}  # a lone request in slot 0 costs one row, not four
+    # Three requests: slots 0, 1 and 2 (4 rows); the two short ones end first, so the longest, in slot 0,
+    # finishes alone on one row.
+    trio = [Request(prompt(900, 4), 30), Request(prompt(950, 3), 5), Request(prompt(990, 2), 6)]
+    recorder.plans.clear()
+    assert engine.generate(trio) == [naive(r) for r in trio]
+    rows = [p.rows for p in recorder.plans]
+    assert rows[0] == 4 and rows[-1] == 1 and 2 not in rows, rows
+    # A short request in slot 1 beside the long one in slot 0: two rows, then one.
+    recorder.plans.clear()
+    long_one, sequences = engine.submit(trio[0]), []
+    engine.step()
+    sequences.append(engine.submit(trio[1]))
+    while engine.step():
+        pass
+    rows = [p.rows for p in recorder.plans]
+    assert rows[0] == 1 and 2 in rows and rows[-1] == 1, rows
+    assert [long_one.future.result(timeout=0), sequences[0].future.result(timeout=0)] == [naive(trio[0]), naive(trio[1])]
+
+
 def test_one_batch_at_a_time_gives_the_same_text_and_admits_only_into_an_empty_engine(runner, naive) -> None:
     engine, recorder = scheduler(runner, one_batch_at_a_time=True)
     assert engine.generate(MIXED) == [naive(r) for r in MIXED]
@@ -225,9 +249,9 @@ def test_a_plan_of_a_shape_that_was_not_warmed_up_is_an_error_not_a_compile(runn
     programs = dict(runner._programs)
     admission = Admission(0, Request((5, 6, 7), 4))
     unknown = [
-        Plan(column=0, shift=-16, groups=(PrefillGroup(3, 16, (admission,)),), window=64, sampling=False),  # 3 rows
-        Plan(column=0, shift=-48, groups=(PrefillGroup(1, 48, (admission,)),), window=64, sampling=False),  # bucket 48
-        Plan(column=0, shift=0, groups=(), window=32, sampling=False),  # window 32
+        Plan(column=0, shift=-16, groups=(PrefillGroup(3, 16, (admission,)),), window=64, rows=1, sampling=False),  # 3 rows
+        Plan(column=0, shift=-48, groups=(PrefillGroup(1, 48, (admission,)),), window=64, rows=1, sampling=False),  # bucket 48
+        Plan(column=0, shift=0, groups=(), window=32, rows=1, sampling=False),  # window 32
     ]
     before = len(COMPILED)
     for plan in unknown:
@@ -235,7 +259,7 @@ def test_a_plan_of_a_shape_that_was_not_warmed_up_is_an_error_not_a_compile(runn
         with pytest.raises(RuntimeError, match="not warmed up"):
             runner.run(plan)
     with pytest.raises(RuntimeError, match="plan for column 5 but this rank is at column 0"):
-        runner.run(Plan(column=5, shift=0, groups=(), window=64, sampling=False))
+        runner.run(Plan(column=5, shift=0, groups=(), window=64, rows=1, sampling=False))
     assert COMPILED[before:] == []
     assert runner._programs == programs
 

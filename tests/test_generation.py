@@ -15,7 +15,7 @@ import opt_utils
 from engine import Scheduler
 from modeling_flax_opt import KVCache, OPTConfig
 from opt_utils import (Admissions, Request, Sampling, SlotRunner, SlotShapes, SlotState, admit, decode_step,
-                       filter_logits, prefill_chunk, sample, shift_columns, split_seed)
+                       decode_first_rows, filter_logits, prefill_chunk, sample, shift_columns, split_seed)
 
 # ---------------------------------------------------------------------------------------------------
 # A fake model: the next token is the token asked about plus one
@@ -71,6 +71,19 @@ def test_decode_step_advances_live_slots_by_one_token_and_the_common_column_by_o
     np.testing.assert_array_equal(after.generated, [2, 2])
     np.testing.assert_array_equal(after.remaining, [3, 3])
     np.testing.assert_array_equal(after.done, [False, False])
+
+
+def test_decoding_the_first_rows_leaves_the_other_slots_as_they_were() -> None:
+    cache = KVCache(k=(jnp.arange(4.0).reshape(4, 1, 1, 1),), v=(jnp.zeros((4, 1, 1, 1)),))
+    before = slot_state([5, 9, 11, 3], 7, [4, 0, 1, 2], [4, 4, 4, 4], [False] * 4)
+    (column, first_valid, window), after = decode_first_rows(
+        lambda p, t, c, col, fv, w: next_token_model(p, t, c, col, fv, w) if c.k[0].shape[0] == 2 else None,
+        None, cache, before, EOS, 64, 2, False)
+    np.testing.assert_array_equal(first_valid, [4, 0])  # the model saw slots 0 and 1 only
+    np.testing.assert_array_equal(after.tokens, [6, 10, 11, 3])
+    np.testing.assert_array_equal(after.generated, [2, 2, 1, 1])
+    np.testing.assert_array_equal(after.remaining, [3, 3, 4, 4])
+    assert int(after.column) == 8  # the common column advances for every slot
 
 
 def test_decode_step_stops_a_slot_that_produces_eos_unless_it_ignores_eos() -> None:

@@ -106,7 +106,7 @@ def a_plan() -> Plan:
     """Two prefill groups (greedy, and sampling with every setting), a right shift, a sampling step."""
     # Float settings arrive from Triton as float32, so they are float32 values here too: they travel exactly.
     sampled = Sampling(temperature=0.75, top_k=40, top_p=0.875, seed=2**63 - 5, ignore_eos=True)
-    return Plan(column=12, shift=-52, window=256, sampling=True, groups=(
+    return Plan(column=12, shift=-52, window=256, rows=4, sampling=True, groups=(
         PrefillGroup(2, 64, (Admission(3, Request((2, 100, 7), 16)), Admission(0, Request((2,), 1)))),
         PrefillGroup(1, 512, (Admission(1, Request(tuple(range(2, 300)), 1700, sampled)),)),
     ))
@@ -114,7 +114,7 @@ def a_plan() -> Plan:
 
 def test_a_plan_crosses_the_channel_as_plain_integers_and_comes_back_equal():
     message = server.encode_plan(a_plan())
-    assert len(message) == 4 * (9 + 2 * 3 + 3 * 9 + 3 + 1 + 298)  # header, groups, rows, tokens
+    assert len(message) == 4 * (10 + 2 * 3 + 3 * 9 + 3 + 1 + 298)  # header, groups, rows, tokens
     assert server.decode_plan(message) == a_plan()
     assert server.decode_plan(server.encode_plan(None)) is None
     greedy_step = dataclasses.replace(a_plan(), sampling=False)  # the rows' settings do not leak into the step's

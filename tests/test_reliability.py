@@ -14,8 +14,10 @@ import pytest
 import client
 from serving import ServerProcess, infer, metric, running_server, start_server, wait_metric, wait_ready
 
-LONG = 1900  # tokens: random/tiny makes a few dozen a second here, so a row of this many outlives every test
-FOREVER = client.Sampling(ignore_eos=True)
+# Sampled rows: every such step sorts the 50272-token vocabulary (15 ms for random/tiny here, where a greedy
+# step takes 1 ms), so a row of LONG tokens runs for about 30 s and outlives every deadline and grace below.
+LONG = 1900  # tokens
+FOREVER = client.Sampling(ignore_eos=True, temperature=1.0, seed=5)
 
 
 def stream(server: ServerProcess, prompt: str, length: int, sampling: client.Sampling = client.Sampling(),
@@ -42,7 +44,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterato
 def test_the_request_timeout_flag_bounds_every_request_and_a_longer_input_cannot_lift_it(server: ServerProcess):
     begin = time.monotonic()
     message = error_of(lambda: infer(server.http_url, ["No limit of its own"], [LONG], sampling=client.Sampling(
-        ignore_eos=True, timeout_seconds=100)))
+        ignore_eos=True, temperature=1.0, seed=5, timeout_seconds=100)))
     assert "timed out: the request's deadline of 3 s passed" in message, message
     assert 3 <= time.monotonic() - begin < 8
 
