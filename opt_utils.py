@@ -960,11 +960,11 @@ class SlotRunner:
             lambda: (KVCache.zeros(cfg, S, C, dtype), SlotState.empty(S, 0)), out_shardings=outs
         ).lower().compile()
         self._programs["shift",] = jax.jit(shift_columns, donate_argnums=(0, 1), out_shardings=outs).lower(
-            cache, state, self._spec(jax.ShapeDtypeStruct((), jnp.int32))).compile(self._compiler_options())
+            cache, state, self._spec(jax.ShapeDtypeStruct((), jnp.int32))).compile()
         for rows in self.shapes.decode_rows:
             self._programs["write", rows] = jax.jit(write_step, donate_argnums=0, out_shardings=outs[0]).lower(
                 cache, self._cache_spec(rows, 1), self._spec(jax.ShapeDtypeStruct((), jnp.int32))
-            ).compile(self._compiler_options())
+            ).compile()
 
     def _compile_decode(self, window: int, rows: int, sampling: bool) -> None:
         cache, state, outs = self._slot_specs()
@@ -979,7 +979,7 @@ class SlotRunner:
         new = self._shardings(self._cache_spec(rows, 1))
         self._programs["decode", window, rows, sampling] = jax.jit(
             step, donate_argnums=2, out_shardings=(new, outs[1], self._replicated)
-        ).lower(self._spec_of_params(), cache, state).compile(self._compiler_options())
+        ).lower(self._spec_of_params(), cache, state).compile()
 
     def _compile_prefill(self, rows: int, bucket: int) -> None:
         cfg, dtype, chunk = self.config, self.model.dtype, self.shapes.chunk
@@ -991,7 +991,6 @@ class SlotRunner:
         admissions = Admissions(slot=vec(jnp.int32), length=vec(jnp.int32), budget=vec(jnp.int32),
                                 temperature=vec(jnp.float32), top_k=vec(jnp.int32), top_p=vec(jnp.float32),
                                 seed=vec(jnp.uint32, SEED_WORDS), ignore_eos=vec(bool), valid=vec(bool))
-        options = self._compiler_options()
         self._programs["prompts", rows, bucket] = jax.jit(
             lambda: KVCache.zeros(cfg, rows, bucket, dtype), out_shardings=self._shardings(prompts)).lower().compile()
         # `after` (unused, kept) is the newest state's column: a prefill then starts only once the step
@@ -1000,13 +999,13 @@ class SlotRunner:
         prefill = lambda p, c, t, col, fv, after: prefill_chunk(self._apply, p, c, t, col, fv)
         self._programs["prefill", rows, bucket] = jax.jit(
             prefill, donate_argnums=1, keep_unused=True, out_shardings=(self._shardings(prompts), self._replicated)
-        ).lower(self._spec_of_params(), prompts, vec(jnp.int32, chunk), scalar, vec(jnp.int32), scalar).compile(options)
+        ).lower(self._spec_of_params(), prompts, vec(jnp.int32, chunk), scalar, vec(jnp.int32), scalar).compile()
         for sampling in (False, True):
             place = lambda c, s, pr, lg, rw, sampling=sampling: admit(c, s, pr, lg, rw, cfg.eos_token_id, sampling)
             self._programs["admit", rows, bucket, sampling] = jax.jit(
                 place, donate_argnums=(0, 1),
                 out_shardings=(*outs, self._replicated),
-            ).lower(cache, state, prompts, logits, admissions).compile(options)
+            ).lower(cache, state, prompts, logits, admissions).compile()
 
     def _shardings(self, spec_tree: Any) -> Any:
         return jax.tree_util.tree_map(lambda a: a.sharding, spec_tree)
@@ -1015,16 +1014,13 @@ class SlotRunner:
         return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                       self.params)
 
-    def _compiler_options(self) -> dict[str, Any]:
-        # XLA's defaults everywhere. On the CPU, LLVM's optimisation level 1 halved compile time but made
-        # the decode step 1.25x slower at 1 slot and its in-place cache write a copy of the whole cache
-        # (random/125M float32, 16 slots: 158 instead of 29 ms per step for one row).
-        return {}
-
     def warm_up(self) -> float:
         """Compiles every program (from the persistent cache when it has them), then allocates the slots.
 
         Shapes compile in parallel threads: XLA compiles without holding the GIL. Returns seconds.
+        XLA's default optimisation level everywhere: on the CPU, LLVM's level 1 halved compile time but made
+        the decode step 1.25x slower and its in-place cache write a copy of the whole cache (random/125M
+        float32, 16 slots: 158 instead of 29 ms per step for one row).
         """
         begin = time.perf_counter()
         jobs = [self._compile_slots]

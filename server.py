@@ -181,9 +181,9 @@ def build_runner(args: argparse.Namespace) -> tuple[Any, Any]:
     opt_utils.enable_compilation_cache(args.cache_dir)
     config = opt_utils.model_config(args.model_name, args.cache_dir)
     mesh = opt_utils.make_mesh(mesh_devices(args.number_of_gpus), config)
-    dtype = opt_utils.resolve_dtype(args.dtype, mesh.devices.flat[0].platform)
-    LOGGER.info("parameters and computation in %s (--dtype %s on %s)", dtype.name, args.dtype,
-                mesh.devices.flat[0].platform)
+    platform = mesh.devices.flat[0].platform
+    dtype = opt_utils.resolve_dtype(args.dtype, platform)
+    LOGGER.info("parameters and computation in %s (--dtype %s on %s)", dtype.name, args.dtype, platform)
     model = opt_utils.build_model(config, dtype=dtype, mesh=mesh)
     begin = time.perf_counter()
     if opt_utils.is_random(args.model_name):

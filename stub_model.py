@@ -163,15 +163,16 @@ class _OneFinalResponse:
         self._queue = queue
 
     async def get(self) -> Any:
+        flags_of = pytriton_model.PyTritonResponseFlags
         flags, payload = await self._queue.get()
-        if flags & (pytriton_model.PyTritonResponseFlags.EOS | pytriton_model.PyTritonResponseFlags.ERROR):
+        if flags & (flags_of.EOS | flags_of.ERROR):
             return flags, payload
         end_flags, end_payload = await self._queue.get()
         self._queue.task_done()  # the held answer's: the handler sees one item for the two
-        if end_flags & pytriton_model.PyTritonResponseFlags.ERROR:
+        if end_flags & flags_of.ERROR:
             return end_flags, end_payload  # an error after the answer: the error goes out
-        if not end_flags & pytriton_model.PyTritonResponseFlags.EOS:  # PyTriton's own handler asserts here
-            return (pytriton_model.PyTritonResponseFlags.ERROR | pytriton_model.PyTritonResponseFlags.EOS,
+        if not end_flags & flags_of.EOS:  # PyTriton's own handler asserts here
+            return (flags_of.ERROR | flags_of.EOS,
                     b"the callable of a model that is not decoupled gave more than one answer")
         return end_flags, payload  # the end item carries nothing
 
