@@ -292,21 +292,24 @@ class OPTForCausalLM(nn.Module):
         self, tokens: jax.Array, cache: KVCache, column: jax.Array, first_valid: jax.Array, window: int | None = None
     ) -> tuple[jax.Array, KVCache]:
         # tokens: [B, T]; column: []; first_valid: [B]; window: static, see `attend` -> logits [B, V_padded] (float32) of tokens[:, -1], new cache
-        cfg = self.config
-        T = tokens.shape[1]
-        columns = column + jnp.arange(T, dtype=jnp.int32)  # [T]
-        # Padding columns (before first_valid) get position 0: garbage but finite, and never attended to.
-        positions = jnp.clip(columns[None, :] - first_valid[:, None], 0, cfg.max_position_embeddings - 1)
-        x = self.embed_tokens(tokens)
-        if cfg.has_projections:
-            x = self.project_in(x)
-        x = x + self.embed_positions(positions + POSITION_OFFSET)
+        x = self.embed(tokens, column, first_valid)
         keys, values = [], []
         for layer, cache_k, cache_v in zip(self.layers, cache.k, cache.v):
             x, (cache_k, cache_v) = layer(x, cache_k, cache_v, column, first_valid, window)
             keys.append(cache_k)
             values.append(cache_v)
         return self.logits(x[:, -1]), KVCache(k=tuple(keys), v=tuple(values))
+
+    def embed(self, tokens: jax.Array, column: jax.Array, first_valid: jax.Array) -> jax.Array:
+        """[B, T] tokens at cache columns column..column+T-1 -> [B, T, D] inputs of the first layer."""
+        cfg = self.config
+        columns = column + jnp.arange(tokens.shape[1], dtype=jnp.int32)  # [T]
+        # Padding columns (before first_valid) get position 0: garbage but finite, and never attended to.
+        positions = jnp.clip(columns[None, :] - first_valid[:, None], 0, cfg.max_position_embeddings - 1)
+        x = self.embed_tokens(tokens)
+        if cfg.has_projections:
+            x = self.project_in(x)
+        return x + self.embed_positions(positions + POSITION_OFFSET)
 
     def logits(self, x: jax.Array) -> jax.Array:
         """[B, D] final hidden states -> [B, V_padded] float32 logits, float32's minimum at the padded ids."""

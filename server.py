@@ -177,26 +177,29 @@ def build_runner(args: argparse.Namespace) -> tuple[Any, Any]:
     import jax.numpy as jnp
 
     import opt_utils
+    import program_cache
 
-    opt_utils.enable_compilation_cache(args.cache_dir)
+    opt_utils.keep_freed_memory()
     config = opt_utils.model_config(args.model_name, args.cache_dir)
     mesh = opt_utils.make_mesh(mesh_devices(args.number_of_gpus), config)
     platform = mesh.devices.flat[0].platform
     dtype = opt_utils.resolve_dtype(args.dtype, platform)
     LOGGER.info("parameters and computation in %s (--dtype %s on %s)", dtype.name, args.dtype, platform)
     model = opt_utils.build_model(config, dtype=dtype, mesh=mesh)
+    shapes = opt_utils.SlotShapes.make(slots=args.decode_slots, max_positions=config.max_position_embeddings,
+                                       prefill_tokens=args.max_prefill_tokens)
+    key = program_cache.program_key(mesh=mesh, config=config, dtype=dtype, shapes=shapes)
+    programs = program_cache.ProgramCache.under(args.cache_dir, key, list(mesh.devices.flat))
     begin = time.perf_counter()
     if opt_utils.is_random(args.model_name):
-        params = opt_utils.random_params(model, mesh)
+        params = opt_utils.random_params(model, mesh, programs=programs)
     else:
         params = opt_utils.load_params(opt_utils.model_dir(args.model_name, args.cache_dir), model, mesh)
     jax.block_until_ready(params)
     LOGGER.info("weights of %s ready in %.1f s on a mesh of %d devices (%d per rank)", args.model_name,
                 time.perf_counter() - begin, mesh.size, args.number_of_gpus)
     log_weight_bytes(params, mesh.size)
-    shapes = opt_utils.SlotShapes.make(slots=args.decode_slots, max_positions=config.max_position_embeddings,
-                                       prefill_tokens=args.max_prefill_tokens)
-    runner = opt_utils.SlotRunner(model=model, params=params, mesh=mesh, shapes=shapes)
+    runner = opt_utils.SlotRunner(model=model, params=params, mesh=mesh, shapes=shapes, programs=programs)
     runner.warm_up()
     return runner, config
 

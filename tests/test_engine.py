@@ -53,7 +53,7 @@ def naive(tiny: SlotRunner) -> Callable[[Request], list[int]]:
     cfg = tiny.config
     width = cfg.max_position_embeddings
     # A fresh cache exactly as wide as the tokens, written from column 0: each call is a plain full forward pass.
-    forward = jax.jit(lambda p, t, first_valid: tiny.model.apply(
+    forward = jax.jit(lambda p, t, first_valid: tiny.net.model.apply(
         {"params": p}, t, KVCache.zeros(cfg, 1, width, jnp.float32), jnp.int32(0), first_valid)[0])
     memo: dict[Request, list[int]] = {}
 

@@ -413,9 +413,10 @@ def test_top_k_and_top_p_sampling_follow_the_softmax_renormalised_over_the_kept_
 
 @dataclasses.dataclass(frozen=True)
 class AffineLM:
-    """What SlotRunner needs of a model. The next token is (scale * last + offset) % V, scale and offset
-    being its parameters (so one compiled runner serves several rules); the cache passes through untouched
-    (a decode step's first column of it stands for its new keys and values)."""
+    """A `Network` for SlotRunner. The next token is (scale * last + offset) % V, scale and offset being its
+    head's parameters (so one compiled runner serves several rules). The hidden state carries the token; the
+    layer passes it and the cache through untouched (a decode step's first column of the cache stands for
+    its new keys and values)."""
 
     config: OPTConfig
     dtype: Any = jnp.float32
@@ -424,12 +425,21 @@ class AffineLM:
     def padded_vocab_size(self) -> int:
         return self.config.vocab_size
 
-    def apply(self, variables: Any, tokens: jax.Array, cache: KVCache, column: jax.Array, first_valid: jax.Array,
-              window: int | None = None):
-        p = variables["params"]
+    def split(self, params: Any) -> tuple[Any, tuple[Any, ...], Any]:
+        return {}, ({},) * self.config.num_hidden_layers, params
+
+    def embed(self, params: Any, tokens: jax.Array, column: jax.Array, first_valid: jax.Array) -> jax.Array:
+        return jnp.broadcast_to(tokens[..., None], (*tokens.shape, self.config.hidden_size)).astype(self.dtype)
+
+    def layer(self, params: Any, x: jax.Array, cache_k: jax.Array, cache_v: jax.Array, column: jax.Array,
+              first_valid: jax.Array, window: int | None):
         if window is not None:  # a decode step returns just its new columns, as the real model does
-            cache = jax.tree_util.tree_map(lambda a: a[:, :, : tokens.shape[1]], cache)
-        return jax.nn.one_hot((p["scale"] * tokens[:, -1] + p["offset"]) % V, V, dtype=jnp.float32), cache
+            return x, cache_k[:, :, : x.shape[1]], cache_v[:, :, : x.shape[1]]
+        return x, cache_k, cache_v
+
+    def logits(self, params: Any, x: jax.Array) -> jax.Array:
+        last = x[:, 0].astype(jnp.int32)
+        return jax.nn.one_hot((params["scale"] * last + params["offset"]) % V, V, dtype=jnp.float32)
 
 
 def affine_params(mesh: jax.sharding.Mesh, scale: int, offset: int) -> dict[str, jax.Array]:
