@@ -113,6 +113,7 @@ def _check_hub_reachable(timeout: float = 3.0) -> None:
     from urllib.parse import urlparse
 
     import huggingface_hub
+    import huggingface_hub.constants
 
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         raise ConnectionError("HF_HUB_OFFLINE is set")
@@ -132,6 +133,7 @@ def model_dir(model_name: str, cache_dir: str | None, *, weights: bool = True) -
         return Path(model_name)
     import filelock
     import huggingface_hub
+    import huggingface_hub.constants
 
     cache = Path(cache_dir or huggingface_hub.constants.HF_HUB_CACHE)
     cache.mkdir(parents=True, exist_ok=True)
@@ -219,12 +221,15 @@ class ByteLevelBPETokenizer:
 
 
 def load_tokenizer(model_name: str, tokenizer_name: str | None, cache_dir: str | None, config: OPTConfig) -> Tokenizer:
-    """`--tokenizer` if given, else the model's own; a random/* model falls back to GPT-2's BPE offline."""
-    from transformers import AutoTokenizer
+    """`--tokenizer` if given, else the model's own; a random/* model falls back to GPT-2's BPE offline.
 
+    transformers is imported only once the tokenizer's files are there: the import alone takes seconds.
+    """
     name = tokenizer_name or ("facebook/opt-125m" if is_random(model_name) else model_name)
     try:
         source = name if Path(name).is_dir() else str(model_dir(name, cache_dir, weights=False))
+        from transformers import AutoTokenizer
+
         return HFTokenizer(AutoTokenizer.from_pretrained(source), f"{name} ({source})")
     except Exception as error:
         if tokenizer_name or not is_random(model_name):
@@ -833,14 +838,17 @@ def place_prompt(layer: jax.Array, prompts: jax.Array, slot: jax.Array, valid: j
     """Copies one layer's prefilled rows into their slots so that their last prompt column sits at t-1.
 
     layer: [S, H, C, Dh]; prompts: [b, H, P, Dh], left-padded; slot, valid: [b]. Rows with valid False
-    change nothing. b is small and static; each copy is in place.
+    change nothing. Each copy is in place; a loop rather than b unrolled copies compiles in constant time.
     """
     P = prompts.shape[2]
-    for i in range(prompts.shape[0]):
+
+    def copy(i: jax.Array, layer: jax.Array) -> jax.Array:
         at = (slot[i], 0, t - P, 0)
-        old = jax.lax.dynamic_slice(layer, at, prompts[i : i + 1].shape)
-        layer = jax.lax.dynamic_update_slice(layer, jnp.where(valid[i], prompts[i : i + 1], old), at)
-    return layer
+        new = jax.lax.dynamic_slice_in_dim(prompts, i, 1, axis=0)  # [1, H, P, Dh]
+        old = jax.lax.dynamic_slice(layer, at, new.shape)
+        return jax.lax.dynamic_update_slice(layer, jnp.where(valid[i], new, old), at)
+
+    return jax.lax.fori_loop(0, prompts.shape[0], copy, layer)
 
 
 def admit_state(state: SlotState, logits: jax.Array, rows: Admissions, eos_id: int,
@@ -1077,6 +1085,7 @@ class SlotRunner:
         self.cache_store = programs or ProgramCache(None, {}, list(mesh.devices.flat))
         self._programs: dict[tuple[Any, ...], Any] = {}
         self._replicated = NamedSharding(mesh, P())
+        self._local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
         self._cache_sharding = NamedSharding(mesh, KV_CACHE_SPEC)
         self.cache: KVCache | None = None
         self.state: SlotState | None = None
@@ -1193,14 +1202,16 @@ class SlotRunner:
         vec, scalar, x = self._array((rows,), jnp.int32), self._array((), jnp.int32), self._hidden(rows, chunk)
         logits = self._array((rows, self.net.padded_vocab_size), jnp.float32)
         state = self._state_spec()
-        # `after` (unused, kept) is the newest state's column: a prefill then starts only once the step
-        # before it is done. Independent programs may otherwise run at once, in a different order on each
-        # rank, and two ranks each waiting in another program's collective never return.
+        # `after` (unused, kept) orders the embedding's collective after every collective before it: the
+        # newest state's column for a prompt's first chunk (the step before is done), the last layer's
+        # output for the next chunks. Independent programs may otherwise run at once, in a different
+        # order on each rank, and two ranks each in another program's collective fail or never return
+        # (gloo: "op.preamble.length <= op.nbytes").
         embed = lambda p, tokens, column, fv, after: self.net.embed(p, tokens, column, fv)
+        inputs = (self._params_spec(self.embed_params), self._array((rows, chunk), jnp.int32), scalar, vec)
         specs = [
-            ProgramSpec(("prefill_embed", rows), embed, (self._params_spec(self.embed_params),
-                                                         self._array((rows, chunk), jnp.int32), scalar, vec, scalar),
-                        x.sharding, keep_unused=True),
+            ProgramSpec(("prefill_embed", rows), embed, (*inputs, scalar), x.sharding, keep_unused=True),
+            ProgramSpec(("prefill_embed_next", rows), embed, (*inputs, x), x.sharding, keep_unused=True),
             ProgramSpec(("prefill_logits", rows), self._logits, (self._params_spec(self.head_params), x),
                         self._replicated),
         ]
@@ -1268,7 +1279,16 @@ class SlotRunner:
 
     # -- running -----------------------------------------------------------------------------------
     def _put(self, x: np.ndarray) -> jax.Array:
-        return jax.device_put(x, self._replicated)
+        """A host array, replicated on every device of the mesh, without any collective.
+
+        `jax.device_put(x, sharding)` onto devices of several processes first checks that every process
+        passed the same value: a collective outside the programs' chain of dependencies, which can meet
+        a program's collective running at the same time on another rank (gloo then fails with
+        "op.preamble.length <= op.nbytes"). Here each process copies `x` to its own devices only.
+        """
+        x = np.asarray(x)
+        shards = [jax.device_put(x, device) for device in self._local_devices]
+        return jax.make_array_from_single_device_arrays(x.shape, self._replicated, shards)
 
     def run(self, plan: Plan) -> StepOutput:
         """Dispatches the plan's programs (asynchronously); the outputs are read later by whoever needs them."""
@@ -1305,13 +1325,15 @@ class SlotRunner:
             tokens[row, first_valid[row] :] = a.request.tokens
         prompts = self._program("prompts", b, P)()
         keys, values = list(prompts.k), list(prompts.v)
-        embed, layer, fv = self._program("prefill_embed", b), self._program("prefill_layer", b, P), self._put(first_valid)
+        layer, fv = self._program("prefill_layer", b, P), self._put(first_valid)
+        embed, after = self._program("prefill_embed", b), self.state.column
         # Chunks of nothing but left padding are skipped: their columns are never read.
         for column in range(int(first_valid.min()) // chunk * chunk, P, chunk):
             at = self._put(np.int32(column))
-            x = embed(self.embed_params, self._put(tokens[:, column : column + chunk]), at, fv, self.state.column)
+            x = embed(self.embed_params, self._put(tokens[:, column : column + chunk]), at, fv, after)
             for i, params in enumerate(self.layer_params):
                 x, keys[i], values[i] = layer(params, x, keys[i], values[i], at, fv)
+            embed, after = self._program("prefill_embed_next", b), x
         logits = self._program("prefill_logits", b)(self.head_params, x)
         rows = self._admissions(group)
         place = self._program("place", b, P)

@@ -157,8 +157,10 @@ class ProgramCache:
             self._open(root)
 
     @classmethod
-    def under(cls, cache_dir: str | None, key: Mapping[str, str], devices: Any) -> "ProgramCache":
-        return cls(Path(cache_dir) / "programs" if cache_dir else None, key, devices)
+    def under(cls, cache_dir: str | None, *, mesh: Any, config: Any, dtype: Any, shapes: Any) -> "ProgramCache":
+        """The programs of this configuration under `cache_dir` (None: kept in memory only)."""
+        key = program_key(mesh=mesh, config=config, dtype=dtype, shapes=shapes)
+        return cls(Path(cache_dir) / "programs" if cache_dir else None, key, list(mesh.devices.flat))
 
     def _open(self, root: Path) -> None:
         assert self.folder
@@ -205,6 +207,7 @@ class ProgramCache:
             raise RuntimeError(f"program {spec.name}: its argument or result structure differs from its spec, "
                                "so a stored copy could not be loaded")
         self.store(spec.name, compiled)
+        LOGGER.debug("compiled program %s: tracing %.2f s, compiling %.2f s", spec.name, traced - begin, done - traced)
         with self._lock:
             self.stats.compiled += 1
             self.stats.trace_s += traced - begin

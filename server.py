@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -188,8 +189,7 @@ def build_runner(args: argparse.Namespace) -> tuple[Any, Any]:
     model = opt_utils.build_model(config, dtype=dtype, mesh=mesh)
     shapes = opt_utils.SlotShapes.make(slots=args.decode_slots, max_positions=config.max_position_embeddings,
                                        prefill_tokens=args.max_prefill_tokens)
-    key = program_cache.program_key(mesh=mesh, config=config, dtype=dtype, shapes=shapes)
-    programs = program_cache.ProgramCache.under(args.cache_dir, key, list(mesh.devices.flat))
+    programs = program_cache.ProgramCache.under(args.cache_dir, mesh=mesh, config=config, dtype=dtype, shapes=shapes)
     begin = time.perf_counter()
     if opt_utils.is_random(args.model_name):
         params = opt_utils.random_params(model, mesh, programs=programs)
@@ -969,13 +969,33 @@ TRITON_START_ATTEMPTS = 3
 TRITON_EXIT_TIMEOUT_S = 5
 
 
-def serve(args: argparse.Namespace, runner: Any, config: Any, stop: threading.Event, group: Group | None) -> int:
-    """Rank 0: binds the Triton models and serves until SIGTERM/SIGINT (a drain), Triton's death or a lost peer."""
-    import cancellation
+def start_loading_tokenizer(args: argparse.Namespace) -> concurrent.futures.Future:
+    """Rank 0's tokenizer, loaded in a thread while the weights and programs load (importing transformers
+    and building the BPE take seconds of a restart that is otherwise ready in a few)."""
     import opt_utils
 
-    tokenizer = opt_utils.load_tokenizer(args.model_name, args.tokenizer, args.cache_dir, config)
-    LOGGER.info("tokenizer: %s", tokenizer.description)
+    def load() -> Any:
+        begin = time.perf_counter()
+        config = opt_utils.model_config(args.model_name, args.cache_dir)
+        tokenizer = opt_utils.load_tokenizer(args.model_name, args.tokenizer, args.cache_dir, config)
+        LOGGER.info("tokenizer: %s (%.1f s, beside the weights and programs)", tokenizer.description,
+                    time.perf_counter() - begin)
+        return tokenizer
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+    future = pool.submit(load)
+    pool.shutdown(wait=False)
+    return future
+
+
+def serve(args: argparse.Namespace, runner: Any, config: Any, stop: threading.Event, group: Group | None,
+          tokenizer: Any, started: float) -> int:
+    """Rank 0: binds the Triton models and serves until SIGTERM/SIGINT (a drain), Triton's death or a lost peer.
+
+    `started`: time.perf_counter() at the process's start, for the start-up's summary.
+    """
+    import cancellation
+
     if group:
         group.wait_until_ready()  # Triton reports ready only once every rank can run a step
     metrics = PrometheusMetrics(runner.shapes.slots)
@@ -990,8 +1010,11 @@ def serve(args: argparse.Namespace, runner: Any, config: Any, stop: threading.Ev
     cancels = cancellation.CancelListener()  # before Triton starts: its stubs inherit the socket's path
     try:
         scheduler = engine_thread.scheduler
+        begin = time.perf_counter()
         triton = start_triton(args, make_infer_fn(scheduler, parser, cancels),
                               make_stream_fn(scheduler, parser, cancels))
+        LOGGER.info("ready %.1f s after the start (Triton's start and model loads: %.1f s)",
+                    time.perf_counter() - started, time.perf_counter() - begin)
         LOGGER.info("serving %s as Triton models %r and %r on http :%d, grpc :%d, metrics :%d; generation metrics "
                     ":%s; %s", args.model_name, MODEL_NAME, STREAM_MODEL_NAME, args.http_port, args.grpc_port,
                     args.metrics_port, args.generation_metrics_port or "off",
@@ -1071,14 +1094,39 @@ def wait_idle(scheduler: Any, timeout: float) -> bool:
     return not scheduler.in_flight or scheduler.failure is not None
 
 
+def process_age() -> float:
+    """Seconds since this process started (its imports included)."""
+    return max(0.0, time.time() - psutil.Process().create_time())
+
+
+PYTRITON_POLL_S = 0.05  # how often PyTriton's start asks Triton whether the server and each model are ready
+
+
+class _PollingClock:
+    """`time` for PyTriton's readiness waits (pytriton.client.utils), polling every PYTRITON_POLL_S, not 1 s.
+
+    PyTriton waits for the server and then for each model with `time.sleep(min(1.0, left))` between checks;
+    on a restart that is otherwise ready in a few seconds, those sleeps were 2 to 3 of them.
+    """
+
+    time = staticmethod(time.time)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(min(seconds, PYTRITON_POLL_S))
+
+
 def start_triton(args: argparse.Namespace, infer: Any, stream: Any) -> Any:
     """Starts Triton with the models `OPT` and `OPT_stream` bound, trying again when a model fails to load.
 
     PyTriton 0.7's model instances race for a 1-second handshake with the first instance's stub;
     on a loaded machine the others can time out or be refused, and the load fails as a whole.
     """
+    import pytriton.client.utils
     from pytriton.model_config import ModelConfig, Tensor
     from pytriton.triton import TRITON_ACCESS_HEADER, Triton, TritonConfig, TritonSecurityConfig
+
+    pytriton.client.utils.time = _PollingClock  # its only uses of `time` are these waits (PyTriton 0.7)
 
     triton_config = TritonConfig(
         http_address=args.bind_address, http_port=args.http_port,
@@ -1260,6 +1308,7 @@ def work(runner: Any, group: Group, stop: threading.Event, grace: float) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    started = time.perf_counter() - process_age()
     args = parse_args(argv)
     rank = f" rank {args.rank}" if args.number_of_nodes > 1 else ""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -1270,11 +1319,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     group = None
     try:
         group = join_group(args, stop) if args.number_of_nodes > 1 else None
+        tokenizer = start_loading_tokenizer(args) if args.rank == 0 else None
         begin = time.perf_counter()
         runner, config = build_runner(args)
         LOGGER.info("model loaded and warmed up in %.1f s", time.perf_counter() - begin)
         if args.rank == 0:
-            status = serve(args, runner, config, stop, group)
+            status = serve(args, runner, config, stop, group, tokenizer.result(), started)
         else:
             status = work(runner, group, stop, args.exit_timeout)
     except StopRequested as signal_name:

@@ -51,7 +51,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "opt-jax"))
     parser.add_argument("--skip-server", action="store_true", help="measure the generation alone")
     parser.add_argument("--time-to-ready", action="store_true",
-                        help="only measure the server's time to ready, cold (empty cache) then warm")
+                        help="only measure the time from the server's start to its first answer, with an empty "
+                             "--cache-dir (cold) then with the cache that start left (warm)")
     parser.add_argument("--decode-slots", type=int, default=DEFAULT_DECODE_SLOTS,
                         help="the engine's decode slots, alone and through the server (default: the server's)")
     parser.add_argument("--transformers", action="store_true",
@@ -83,20 +84,22 @@ def direct(args: argparse.Namespace) -> dict:
 
     import engine
     import opt_utils
+    from program_cache import ProgramCache
 
-    opt_utils.enable_compilation_cache(args.cache_dir)
+    opt_utils.keep_freed_memory()
     config = opt_utils.model_config(args.model_name, args.cache_dir)
     mesh = opt_utils.make_mesh(jax.local_devices()[: args.number_of_gpus * args.number_of_nodes], config)
-    model = opt_utils.build_model(config, dtype=opt_utils.resolve_dtype(args.dtype, mesh.devices.flat[0].platform),
-                                  mesh=mesh)
-    params = (opt_utils.random_params(model, mesh) if opt_utils.is_random(args.model_name)
+    dtype = opt_utils.resolve_dtype(args.dtype, mesh.devices.flat[0].platform)
+    model = opt_utils.build_model(config, dtype=dtype, mesh=mesh)
+    # The server's shapes: every program it would compile.
+    shapes = opt_utils.SlotShapes.make(slots=args.decode_slots, max_positions=config.max_position_embeddings)
+    programs = ProgramCache.under(args.cache_dir, mesh=mesh, config=config, dtype=dtype, shapes=shapes)
+    params = (opt_utils.random_params(model, mesh, programs=programs) if opt_utils.is_random(args.model_name)
               else opt_utils.load_params(opt_utils.model_dir(args.model_name, args.cache_dir), model, mesh))
     tokenizer = opt_utils.load_tokenizer(args.model_name, None, args.cache_dir, config)
     tokens = tuple(tokenizer.encode(prompt_text(args.prompt_length)))
     assert len(tokens) == args.prompt_length, (len(tokens), args.prompt_length)
-    # The server's shapes: every program it would compile.
-    shapes = opt_utils.SlotShapes.make(slots=args.decode_slots, max_positions=config.max_position_embeddings)
-    runner = opt_utils.SlotRunner(model=model, params=params, mesh=mesh, shapes=shapes)
+    runner = opt_utils.SlotRunner(model=model, params=params, mesh=mesh, shapes=shapes, programs=programs)
     compile_s = runner.warm_up()
     scheduler = engine.Scheduler(runner, eos_id=config.eos_token_id)
     requests = [opt_utils.Request(tokens, args.output_length, opt_utils.Sampling(ignore_eos=True))] * args.batch_size
@@ -181,22 +184,48 @@ def through_server(args: argparse.Namespace, generated: int, *, nodes: int, gpus
             "processes": nodes, "devices_per_process": gpus}
 
 
-def time_to_ready(args: argparse.Namespace) -> dict:
-    """Seconds from `python server.py` to a ready model: with an empty cache dir, then again with it."""
-    from serving import start_server, wait_ready
+def first_answer(url: str, deadline: float, ranks: list) -> str:
+    """Sends one 8-token request every 0.1 s until one is answered (the way a waiting client sees the start)."""
+    from serving import infer
 
-    extra = [*server_flags(args), "--number-of-gpus", str(args.number_of_gpus), "--generation-metrics-port", "0"]
+    while True:
+        for rank in ranks:
+            if rank.process.poll() is not None:
+                raise SystemExit(f"a server exited with {rank.process.returncode}:\n{rank.log()[-3000:]}")
+        try:
+            return infer(url, ["Hello"], [8], timeout=60)[0]
+        except Exception:
+            if time.perf_counter() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def time_to_first_answer(args: argparse.Namespace) -> dict:
+    """Seconds from starting the server (a group of --number-of-nodes processes) to its first answer: with an
+    empty --cache-dir, then again with the cache that the first start left."""
+    from serving import start_group, start_server
+
+    flags = [*server_flags(args), "--generation-metrics-port", "0"]
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
         for kind in ("cold", "warm"):
-            server = start_server(Path(tmp), Path(tmp) / "cache", *extra, model=args.model_name)
+            begin = time.perf_counter()
+            if args.number_of_nodes == 1:
+                ranks = [start_server(Path(tmp), cache, *flags, "--number-of-gpus", str(args.number_of_gpus),
+                                      model=args.model_name)]
+            else:
+                ranks = start_group(Path(tmp), cache, args.number_of_nodes, *flags, gpus=args.number_of_gpus,
+                                    model=args.model_name, gap=0.0)
             try:
-                begin = time.perf_counter()
-                wait_ready(server, timeout=3600)
+                first_answer(ranks[0].http_url, begin + 3600, ranks)
                 result[kind] = time.perf_counter() - begin
+                result[f"{kind}_log"] = [line for line in ranks[0].log().splitlines()
+                                         if "programs:" in line or "ready " in line or "weights of" in line]
             finally:
-                server.stop()
-                server.kill_group()
+                for rank in ranks:
+                    rank.stop()
+                    rank.kill_group()
     return result
 
 
@@ -205,9 +234,17 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     simulate_cpu_devices(args.number_of_gpus * args.number_of_nodes)
     if args.time_to_ready:
-        ready = time_to_ready(args)
-        print(f"{args.model_name} {args.dtype}, --decode-slots {args.decode_slots}: ready in "
-              f"{ready['cold']:.1f} s cold (empty compilation cache), {ready['warm']:.1f} s warm")
+        ready = time_to_first_answer(args)
+        if args.json:
+            print(json.dumps({"model": args.model_name, "nodes": args.number_of_nodes, "gpus": args.number_of_gpus,
+                              "cpu": cpu_line(), **ready}))
+            return 0
+        print(f"{args.model_name}, {args.number_of_nodes} x {args.number_of_gpus} devices: first answer "
+              f"{ready['cold']:.1f} s after the start with an empty --cache-dir, {ready['warm']:.1f} s with the "
+              f"cache the first start left ({cpu_line()})")
+        for kind in ("cold", "warm"):
+            for line in ready[f"{kind}_log"]:
+                print(f"  {kind}: {line}")
         return 0
     alone = direct(args)
     result = {"model": args.model_name, "dtype": args.dtype, "batch": args.batch_size, "decode_slots": args.decode_slots,

@@ -243,6 +243,8 @@ def test_single_node_probes_ask_triton_and_allow_a_long_start() -> None:
     startup = container["startupProbe"]
     assert startup["httpGet"]["path"] == "/v2/health/live"
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800  # download, load and compile take minutes
+    # A warm restart serves in about 12 s (README): the probe sees it within a few seconds of that.
+    assert startup["initialDelaySeconds"] + startup["periodSeconds"] <= 10
 
 
 def test_single_node_service_exposes_tritons_ports_of_the_server_pods_only() -> None:
@@ -345,6 +347,7 @@ def test_multi_node_probes_run_the_entry_script_for_every_rank() -> None:
     assert container["readinessProbe"]["exec"]["command"] == ["sh", script, "probe", "ready"]
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800
+    assert startup["initialDelaySeconds"] + startup["periodSeconds"] <= 10
 
 
 def test_multi_node_configmap_carries_the_charts_entry_script() -> None:
