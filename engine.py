@@ -313,8 +313,8 @@ class Scheduler:
             return None
         groups = self._groups(admitted)
         column, shift = self._column, 0
+        old = [s for s in live if s not in admitted]
         if column >= self.shapes.columns:  # no room for the next token: drop the columns nobody reads
-            old = [s for s in live if s not in admitted]
             shift = max(0, min(int(self._first_valid[old].min()) if old else column, column))
         longest = max((g.prompt_bucket for g in groups), default=0)
         shift = min(shift, column - longest)  # roll right when the new prompts need more columns before t
@@ -328,7 +328,8 @@ class Scheduler:
         self._column = t + 1
         sampling = any(not self._slots[s].request.sampling.greedy for s in live)
         rows = self.shapes.decode_batch(live[-1] + 1)  # admissions take the lowest free slots: live rows pack low
-        return Plan(column=column, shift=shift, groups=groups, window=window, rows=rows, sampling=sampling)
+        return Plan(column=column, shift=shift, groups=groups, window=window, rows=rows, sampling=sampling,
+                    moves=bool(old))  # with no earlier row live, no column is read again: nothing to move
 
     def _retire(self, now: float) -> None:
         """Fails the cancelled requests and those past their deadline; frees their queue places and slots.

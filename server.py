@@ -534,9 +534,9 @@ class GroupError(RuntimeError):
     """The group cannot form, or lost a rank: every rank exits non-zero so that an orchestrator restarts it."""
 
 
-WIRE_FORMAT = 3
+WIRE_FORMAT = 4
 KIND_STOP, KIND_STEP = 0, 1
-HEADER_WORDS = 10  # format, kind, column, shift, window, decode rows, sampling, groups, rows, tokens
+HEADER_WORDS = 11  # format, kind, column, shift, moves, window, decode rows, sampling, groups, rows, tokens
 GROUP_WORDS = 3  # compiled rows, prompt bucket, admissions
 ROW_WORDS = 9  # slot, prompt length, max new tokens, temperature, top_k, top_p, seed low, seed high, ignore_eos
 
@@ -545,8 +545,8 @@ def encode_plan(plan: Any | None) -> bytes:
     """One channel message: an opt_utils.Plan, or None for "stop".
 
     Wire format, little-endian 32-bit words, nothing pickled:
-        HEADER_WORDS: WIRE_FORMAT, kind (KIND_STEP or KIND_STOP), column, shift, window, decode rows,
-            sampling (0 or 1), G groups, R rows, N tokens
+        HEADER_WORDS: WIRE_FORMAT, kind (KIND_STEP or KIND_STOP), column, shift, moves (0 or 1), window,
+            decode rows, sampling (0 or 1), G groups, R rows, N tokens
         G x GROUP_WORDS: each prefill group's compiled row count, prompt bucket and number of admissions
         R x ROW_WORDS: each admitted row, in group order: slot, prompt length, max new tokens, temperature
             (float32 bits), top_k, top_p (float32 bits), seed low and high words, ignore_eos
@@ -564,7 +564,8 @@ def encode_plan(plan: Any | None) -> bytes:
         rows[i] = [a.slot, len(a.request.tokens), a.request.max_new_tokens, _float_bits(s.temperature), s.top_k,
                    _float_bits(s.top_p), _signed(lo), _signed(hi), int(s.ignore_eos)]
     tokens = [t for a in admissions for t in a.request.tokens]
-    header = [WIRE_FORMAT, KIND_STEP, plan.column, plan.shift, plan.window, plan.rows, int(plan.sampling),
+    header = [WIRE_FORMAT, KIND_STEP, plan.column, plan.shift, int(plan.moves), plan.window, plan.rows,
+              int(plan.sampling),
               len(plan.groups), len(admissions), len(tokens)]
     groups = [w for g in plan.groups for w in (g.rows, g.prompt_bucket, len(g.admissions))]
     return np.concatenate([np.asarray(header + groups, "<i4"), rows.reshape(-1), np.asarray(tokens, "<i4")]).tobytes()
@@ -586,7 +587,8 @@ def decode_plan(message: bytes) -> Any | None:
     if len(words) < HEADER_WORDS or words[0] != WIRE_FORMAT or words[1] not in (KIND_STOP, KIND_STEP):
         raise GroupError(f"malformed channel message (header {words[:HEADER_WORDS].tolist()}); "
                          "are all ranks the same version?")
-    column, shift, window, decode_rows, sampling, n_groups, n_rows, n_tokens = (int(w) for w in words[2:HEADER_WORDS])
+    column, shift, moves, window, decode_rows, sampling, n_groups, n_rows, n_tokens = (
+        int(w) for w in words[2:HEADER_WORDS])
     rows_at = HEADER_WORDS + GROUP_WORDS * n_groups
     tokens_at = rows_at + ROW_WORDS * n_rows
     if min(n_groups, n_rows, n_tokens) < 0 or len(words) != tokens_at + n_tokens:
@@ -611,7 +613,7 @@ def decode_plan(message: bytes) -> Any | None:
         groups.append(opt_utils.PrefillGroup(b, bucket, tuple(admissions[first : first + count])))
         first += count
     return opt_utils.Plan(column=column, shift=shift, groups=tuple(groups), window=window, rows=decode_rows,
-                          sampling=bool(sampling))
+                          sampling=bool(sampling), moves=bool(moves))
 
 
 INTERRUPTED = object()  # Channel.receive's answer when its wait was cut short, not a message

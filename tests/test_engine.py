@@ -203,7 +203,9 @@ def test_the_cache_shifts_left_under_running_rows_and_right_for_a_long_prompt_an
         pass
     shifts = [p.shift for p in recorder.plans]
     assert shifts[0] < 0  # the first prompt needs columns before t = 0
+    assert not recorder.plans[0].moves  # ... over an empty cache: only t moves, no column is copied
     assert running_at_left_shift[0] > 0  # rows were mid-generation when their columns moved
+    assert all(p.moves for p in recorder.plans if p.shift > 0)  # ... so those columns did move
     assert any(s < 0 for s in shifts[left + 1 :]), shifts
     assert [s.future.result(timeout=0) for s in sequences] == [naive(r) for r in [*first, long_prompt]]
 

@@ -114,11 +114,13 @@ def a_plan() -> Plan:
 
 def test_a_plan_crosses_the_channel_as_plain_integers_and_comes_back_equal():
     message = server.encode_plan(a_plan())
-    assert len(message) == 4 * (10 + 2 * 3 + 3 * 9 + 3 + 1 + 298)  # header, groups, rows, tokens
+    assert len(message) == 4 * (11 + 2 * 3 + 3 * 9 + 3 + 1 + 298)  # header, groups, rows, tokens
     assert server.decode_plan(message) == a_plan()
     assert server.decode_plan(server.encode_plan(None)) is None
     greedy_step = dataclasses.replace(a_plan(), sampling=False)  # the rows' settings do not leak into the step's
     assert server.decode_plan(server.encode_plan(greedy_step)) == greedy_step
+    nothing_to_move = dataclasses.replace(a_plan(), moves=False)  # a shift over an empty cache
+    assert server.decode_plan(server.encode_plan(nothing_to_move)) == nothing_to_move
 
 
 def test_a_malformed_channel_message_is_an_error_not_a_guess():
