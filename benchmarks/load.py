@@ -664,7 +664,7 @@ def add_started_server_flags(group: Any, *, model_name: str) -> None:
                        help="one more server.py argument for every server (repeatable), e.g. "
                             "--server-arg=--model-instances=8")
     group.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "opt-jax"),
-                       help="the servers' --cache-dir (compilation cache), also where the tokenizer is looked up")
+                       help="the servers' --cache-dir (compiled programs), also where the tokenizer is looked up")
     group.add_argument("--ready-timeout", type=float, default=1800.0, help="seconds the servers may take to be ready")
 
 

@@ -14,5 +14,5 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One compilation cache for every server of the session, so later starts load programs."""
+    """One --cache-dir for every server of the session, so later starts load their compiled programs."""
     return tmp_path_factory.mktemp("opt-cache")

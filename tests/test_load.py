@@ -19,7 +19,7 @@ from serving import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import soak  # noqa: E402
 
-LOAD_S = 35  # seconds of load; starting the group (a cold compilation cache) and stopping it take the rest
+LOAD_S = 35  # seconds of load; starting the group (programs not yet stored) and stopping it take the rest
 MIN_OK_PER_CLASS = 10  # random/tiny answers a request of these lengths in about a second on 2 cores
 CLASSES = ("http OPT", "http OPT_stream", "grpc OPT", "grpc OPT_stream")
 
