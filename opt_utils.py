@@ -1,8 +1,8 @@
 """OPT models on a JAX mesh: the model table, tokenizers, weights, sharding rules and generation.
 
 Knows nothing of Triton. Every rank calls the same functions here in the same order; the programs are
-compiled once per (batch, cache length) bucket and reused, so a request never triggers a compile after
-`Generator.warm_up`.
+compiled (or loaded from program_cache) once per shape bucket and reused, so a request never triggers a
+compile after `SlotRunner.warm_up`.
 """
 from __future__ import annotations
 
@@ -1352,10 +1352,9 @@ class SlotRunner:
         logits = self._program("prefill_logits", b)(self.head_params, x)
         rows = self._admissions(group)
         place = self._program("place", b, P)
-        t = self.state.column
-        cache = self.cache
-        self.cache = KVCache(k=tuple(place(layer_k, new, rows.slot, rows.valid, t) for layer_k, new in zip(cache.k, keys)),
-                             v=tuple(place(layer_v, new, rows.slot, rows.valid, t) for layer_v, new in zip(cache.v, values)))
+        copy_in = lambda layers, prompts: tuple(place(layer, new, rows.slot, rows.valid, self.state.column)
+                                                for layer, new in zip(layers, prompts))
+        self.cache = KVCache(k=copy_in(self.cache.k, keys), v=copy_in(self.cache.v, values))
         self.state, first = self._program("admit", b, group.sampling)(self.state, logits, rows)
         return first
 

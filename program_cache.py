@@ -49,8 +49,8 @@ OWN_SOURCES = ("modeling_flax_opt.py", "opt_utils.py", "program_cache.py")  # wh
 # The globals a jax executable's pickle names (jax 0.7): jax's own classes and helpers, and numpy's array
 # and dtype reconstruction, OrderedDict. Anything else in a payload makes it foreign.
 _ALLOWED_PREFIXES = ("jax._src.", "jaxlib.")
-_ALLOWED_OTHERS = {("collections", "OrderedDict"), ("numpy", "dtype"), ("numpy", "ndarray"), ("numpy.core.multiarray", "_reconstruct"),
-                  ("numpy._core.multiarray", "_reconstruct")}
+_ALLOWED_OTHERS = {("collections", "OrderedDict"), ("numpy", "dtype"), ("numpy", "ndarray"),
+                   ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
 
 
 class ForeignPayload(Exception):

@@ -565,8 +565,7 @@ def encode_plan(plan: Any | None) -> bytes:
                    _float_bits(s.top_p), _signed(lo), _signed(hi), int(s.ignore_eos)]
     tokens = [t for a in admissions for t in a.request.tokens]
     header = [WIRE_FORMAT, KIND_STEP, plan.column, plan.shift, int(plan.moves), plan.window, plan.rows,
-              int(plan.sampling),
-              len(plan.groups), len(admissions), len(tokens)]
+              int(plan.sampling), len(plan.groups), len(admissions), len(tokens)]
     groups = [w for g in plan.groups for w in (g.rows, g.prompt_bucket, len(g.admissions))]
     return np.concatenate([np.asarray(header + groups, "<i4"), rows.reshape(-1), np.asarray(tokens, "<i4")]).tobytes()
 

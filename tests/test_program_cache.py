@@ -35,7 +35,8 @@ def mesh(devices: int = 1) -> jax.sharding.Mesh:
     return opt_utils.make_mesh(jax.devices()[:devices], CONFIG)
 
 
-def cache_under(root: Path, *, shapes: opt_utils.SlotShapes = SHAPES, on: jax.sharding.Mesh | None = None) -> ProgramCache:
+def cache_under(root: Path, *, shapes: opt_utils.SlotShapes = SHAPES,
+                on: jax.sharding.Mesh | None = None) -> ProgramCache:
     return ProgramCache.under(str(root), mesh=on or mesh(), config=CONFIG, dtype=np.dtype("float32"), shapes=shapes)
 
 
@@ -155,8 +156,10 @@ def test_source_digest_follows_our_sources(tmp_path: Path) -> None:
 
 
 def test_two_processes_building_one_program_into_one_folder_both_succeed(tmp_path: Path) -> None:
+    here = Path(__file__).resolve().parent
     script = f"""
-import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+import sys
+sys.path[:0] = [{str(here)!r}, {str(here.parent)!r}]
 import test_program_cache as t
 cache = t.cache_under(__import__("pathlib").Path({str(tmp_path)!r}))
 print(float(t.run_affine(cache.build(t.affine_spec(t.mesh())))["sum"]))
