@@ -1096,8 +1096,16 @@ def wait_idle(scheduler: Any, timeout: float) -> bool:
 
 
 def process_age() -> float:
-    """Seconds since this process started (its imports included)."""
-    return max(0.0, time.time() - psutil.Process().create_time())
+    """Seconds since this process started (its imports included).
+
+    From /proc's clock ticks on Linux: psutil's create_time adds the boot time in whole seconds.
+    """
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return max(0.0, time.time() - psutil.Process().create_time())
 
 
 PYTRITON_POLL_S = 0.05  # how often PyTriton's start asks Triton whether the server and each model are ready
