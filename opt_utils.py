@@ -220,8 +220,9 @@ class ByteLevelBPETokenizer:
         return self.tokenizer.decode(list(ids))
 
 
-def load_tokenizer(model_name: str, tokenizer_name: str | None, cache_dir: str | None, config: OPTConfig) -> Tokenizer:
-    """`--tokenizer` if given, else the model's own; a random/* model falls back to GPT-2's BPE offline.
+def load_tokenizer(model_name: str, tokenizer_name: str | None, cache_dir: str | None) -> Tokenizer:
+    """`--tokenizer` if given, else the model's own; a random/* model falls back to GPT-2's BPE offline
+    (with its config's BOS id: the fallback serves random/* models only, whose config is at hand).
 
     transformers is imported only once the tokenizer's files are there: the import alone takes seconds.
     """
@@ -235,7 +236,7 @@ def load_tokenizer(model_name: str, tokenizer_name: str | None, cache_dir: str |
         if tokenizer_name or not is_random(model_name):
             raise RuntimeError(f"cannot load the tokenizer {name!r}: {error}") from error
         LOGGER.warning("OPT's tokenizer is unavailable (%s); falling back to GPT-2's byte-level BPE", error)
-        return ByteLevelBPETokenizer.from_gpt2_files(config.bos_token_id)
+        return ByteLevelBPETokenizer.from_gpt2_files(random_config(model_name).bos_token_id)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -380,8 +381,7 @@ def random_params(model: OPTForCausalLM, mesh: Mesh, seed: int = 0,
             params["lm_head"]["kernel"] = params["embed_tokens"]["embedding"].T
         return _pad_vocab(params, model.padded_vocab_size)
 
-    if programs is None:
-        return jax.jit(init, out_shardings=shardings)()
+    programs = programs or ProgramCache.in_memory(mesh)
     return programs.build(ProgramSpec(("random_params", seed), init, (), shardings))()
 
 
@@ -1094,7 +1094,7 @@ class SlotRunner:
         self.shapes = shapes
         self.config = self.net.config
         self.params = params
-        self.cache_store = programs or ProgramCache(None, {}, list(mesh.devices.flat))
+        self.cache_store = programs or ProgramCache.in_memory(mesh)
         self._programs: dict[tuple[Any, ...], Any] = {}
         self._replicated = NamedSharding(mesh, P())
         self._local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]

@@ -157,6 +157,11 @@ class ProgramCache:
             self._open(root)
 
     @classmethod
+    def in_memory(cls, mesh: Any) -> "ProgramCache":
+        """Programs compiled for `mesh` and kept nowhere (no --cache-dir)."""
+        return cls(None, {}, list(mesh.devices.flat))
+
+    @classmethod
     def under(cls, cache_dir: str | None, *, mesh: Any, config: Any, dtype: Any, shapes: Any) -> "ProgramCache":
         """The programs of this configuration under `cache_dir` (None: kept in memory only)."""
         key = program_key(mesh=mesh, config=config, dtype=dtype, shapes=shapes)

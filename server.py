@@ -977,8 +977,7 @@ def start_loading_tokenizer(args: argparse.Namespace) -> concurrent.futures.Futu
 
     def load() -> Any:
         begin = time.perf_counter()
-        config = opt_utils.model_config(args.model_name, args.cache_dir)
-        tokenizer = opt_utils.load_tokenizer(args.model_name, args.tokenizer, args.cache_dir, config)
+        tokenizer = opt_utils.load_tokenizer(args.model_name, args.tokenizer, args.cache_dir)
         LOGGER.info("tokenizer: %s (%.1f s, beside the weights and programs)", tokenizer.description,
                     time.perf_counter() - begin)
         return tokenizer

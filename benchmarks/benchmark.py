@@ -96,7 +96,7 @@ def direct(args: argparse.Namespace) -> dict:
     programs = ProgramCache.under(args.cache_dir, mesh=mesh, config=config, dtype=dtype, shapes=shapes)
     params = (opt_utils.random_params(model, mesh, programs=programs) if opt_utils.is_random(args.model_name)
               else opt_utils.load_params(opt_utils.model_dir(args.model_name, args.cache_dir), model, mesh))
-    tokenizer = opt_utils.load_tokenizer(args.model_name, None, args.cache_dir, config)
+    tokenizer = opt_utils.load_tokenizer(args.model_name, None, args.cache_dir)
     tokens = tuple(tokenizer.encode(prompt_text(args.prompt_length)))
     assert len(tokens) == args.prompt_length, (len(tokens), args.prompt_length)
     runner = opt_utils.SlotRunner(model=model, params=params, mesh=mesh, shapes=shapes, programs=programs)
@@ -126,7 +126,7 @@ def with_transformers(args: argparse.Namespace) -> dict:
     from load import hf_batch, hf_model
 
     config = opt_utils.model_config(args.model_name, args.cache_dir)
-    tokenizer = opt_utils.load_tokenizer(args.model_name, None, args.cache_dir, config)
+    tokenizer = opt_utils.load_tokenizer(args.model_name, None, args.cache_dir)
     batch = [tokenizer.encode(prompt_text(args.prompt_length))] * args.batch_size
     model = hf_model(config, "float32", seed=0)
     hf_batch(model, batch, args.output_length, config.pad_token_id)  # untimed: PyTorch's one-time costs

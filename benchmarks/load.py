@@ -792,7 +792,7 @@ def prepare_prompts(model_name: str, cache_dir: str, devices: int,
 
     simulate_cpu_devices(devices)  # inherited by the servers started here
     config = opt_utils.model_config(model_name, cache_dir)
-    tokenizer = opt_utils.load_tokenizer(model_name, None, cache_dir, config)
+    tokenizer = opt_utils.load_tokenizer(model_name, None, cache_dir)
     builder = PromptBuilder(tokenizer)
     say(f"tokenizer: {tokenizer.description}; {len(builder.words)} single-token words")
     return config, tokenizer, builder
