@@ -64,7 +64,9 @@ RUN if user="$(getent passwd 1000)"; then userdel --remove "${user%%:*}"; fi \
     && install -d -o 1000 -g 1000 -m 0755 /home/opt/.cache /home/opt/.cache/opt-jax /home/opt/.cache/pytriton
 ENV HOME=/home/opt
 
-COPY server.py client.py engine.py opt_utils.py modeling_flax_opt.py cancellation.py stub_model.py program_cache.py /opt/app/
+COPY server.py client.py opt_utils.py modeling_flax_opt.py protocol.py plan.py engine.py channel.py group.py \
+     triton_models.py metrics.py reaper.py sharding.py weights.py slots.py runner.py program_cache.py \
+     cancellation.py stub_model.py /opt/app/
 COPY benchmarks/ /opt/app/benchmarks/
 COPY kubernetes/ /opt/app/kubernetes/
 # Triton's HTTP, gRPC and metrics ports; rank 0 also serves the JAX coordinator at the port of --head-url.

@@ -3,8 +3,8 @@
 Requests wait in a FIFO queue. Before every decode step the scheduler admits waiting requests into
 free slots (their prompts prefilled in length buckets), so a request waits for another only when
 every slot is busy, and a finished request frees its slot for the next step. Each step is a
-`opt_utils.Plan`: rank 0 publishes it (to the other ranks, through the group's channel) and runs it
-on its own `opt_utils.SlotRunner`; every rank runs the same programs on the same plan.
+`Plan`: rank 0 publishes it (to the other ranks, through the group's channel) and runs it
+on its own `SlotRunner`; every rank runs the same programs on the same plan.
 
 The step's tokens are read one step late: step i+1 is dispatched before step i's tokens are fetched,
 so the device never waits for the host's bookkeeping. A slot that finished in step i therefore runs
@@ -33,7 +33,8 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from opt_utils import Admission, Plan, PrefillGroup, Request, SlotShapes, StepOutput
+from plan import Admission, Plan, PrefillGroup, Request, SlotShapes
+from runner import StepOutput
 
 LOGGER = logging.getLogger("engine")
 
@@ -97,7 +98,7 @@ NO_METRICS: Metrics = _NoMetrics()
 
 
 class Runner(Protocol):
-    """What the scheduler needs of opt_utils.SlotRunner."""
+    """What the scheduler needs of SlotRunner."""
 
     shapes: SlotShapes
 

@@ -23,7 +23,7 @@ scatter, which XLA:CPU ran at half the speed of the whole rest of a decode step.
 
 The same call serves prefill (T = chunk) and decode (T = 1). Its pieces, `embed`, one `OPTDecoderLayer`
 and `logits`, are also applied on their own: the server compiles each as a program and calls the layer
-program once per layer (opt_utils.SlotRunner). Layers are unrolled, each with its own
+program once per layer (runner.SlotRunner). Layers are unrolled, each with its own
 parameters and cache arrays: under `nn.scan` XLA:CPU copied every layer's weights out of the stacked
 array on every step (6 tokens/s instead of 40 for opt-125m), and per-layer cache arrays are updated in
 place where a slice of one stacked array would be copied. The cache is laid out [B, H, C, Dh] so that

@@ -44,7 +44,8 @@ LOGGER = logging.getLogger("program_cache")
 FORMAT = 1  # of the header and payload; part of the key
 KEY_FILE = "key.json"
 SUFFIX = ".program"
-OWN_SOURCES = ("modeling_flax_opt.py", "opt_utils.py", "program_cache.py")  # what our programs are made of
+OWN_SOURCES = ("modeling_flax_opt.py", "plan.py", "slots.py", "sharding.py", "weights.py", "runner.py",
+               "program_cache.py")  # what our programs are made of
 
 # The globals a jax executable's pickle names (jax 0.7): jax's own classes and helpers, and numpy's array
 # and dtype reconstruction, OrderedDict. Anything else in a payload makes it foreign.

@@ -8,7 +8,7 @@ With --number-of-nodes N > 1 the same batch also goes through a group of N serve
 that the cost of crossing processes is measured on the same model, devices and batch. On the CPU the
 devices are simulated (XLA_FLAGS=--xla_force_host_platform_device_count, set here when missing).
 
-"Generation alone" runs the engine in this process: an opt_utils.SlotRunner with the server's shapes
+"Generation alone" runs the engine in this process: an SlotRunner with the server's shapes
 (--decode-slots, default the server's 16) stepped by an engine.Scheduler, the whole batch submitted at
 once. "Through the server" starts `server.py` with the original example's flags (`--model-name`,
 `--number-of-gpus`; `--dtype` and `--decode-slots` only when given here) on loopback ports (after the
@@ -80,29 +80,32 @@ def prompt_text(prompt_length: int) -> str:
 def direct(args: argparse.Namespace) -> dict:
     """Times the engine on the batch, one slot per row; returns tokens/s, time to first token and the token count."""
     import jax
-    import jax.numpy as jnp
 
     import engine
     import opt_utils
+    from plan import Request, Sampling, SlotShapes
+    from runner import SlotRunner
+    from sharding import make_mesh
+    from weights import build_model, load_params, random_params
     from program_cache import ProgramCache
 
     opt_utils.keep_freed_memory()
     config = opt_utils.model_config(args.model_name, args.cache_dir)
-    mesh = opt_utils.make_mesh(jax.local_devices()[: args.number_of_gpus * args.number_of_nodes], config)
+    mesh = make_mesh(jax.local_devices()[: args.number_of_gpus * args.number_of_nodes], config)
     dtype = opt_utils.resolve_dtype(args.dtype, mesh.devices.flat[0].platform)
-    model = opt_utils.build_model(config, dtype=dtype, mesh=mesh)
+    model = build_model(config, dtype=dtype, mesh=mesh)
     # The server's shapes: every program it would compile.
-    shapes = opt_utils.SlotShapes.make(slots=args.decode_slots, max_positions=config.max_position_embeddings)
+    shapes = SlotShapes.make(slots=args.decode_slots, max_positions=config.max_position_embeddings)
     programs = ProgramCache.under(args.cache_dir, mesh=mesh, config=config, dtype=dtype, shapes=shapes)
-    params = (opt_utils.random_params(model, mesh, programs=programs) if opt_utils.is_random(args.model_name)
-              else opt_utils.load_params(opt_utils.model_dir(args.model_name, args.cache_dir), model, mesh))
+    params = (random_params(model, mesh, programs=programs) if opt_utils.is_random(args.model_name)
+              else load_params(opt_utils.model_dir(args.model_name, args.cache_dir), model, mesh))
     tokenizer = opt_utils.load_tokenizer(args.model_name, None, args.cache_dir)
     tokens = tuple(tokenizer.encode(prompt_text(args.prompt_length)))
     assert len(tokens) == args.prompt_length, (len(tokens), args.prompt_length)
-    runner = opt_utils.SlotRunner(model=model, params=params, mesh=mesh, shapes=shapes, programs=programs)
+    runner = SlotRunner(model=model, params=params, mesh=mesh, shapes=shapes, programs=programs)
     compile_s = runner.warm_up()
     scheduler = engine.Scheduler(runner, eos_id=config.eos_token_id)
-    requests = [opt_utils.Request(tokens, args.output_length, opt_utils.Sampling(ignore_eos=True))] * args.batch_size
+    requests = [Request(tokens, args.output_length, Sampling(ignore_eos=True))] * args.batch_size
     timed_batch(scheduler, requests)
     runs = [timed_batch(scheduler, requests) for _ in range(args.repeats)]
     generated = sum(len(row) for row in runs[0]["tokens"])

@@ -11,7 +11,7 @@ The target is 60% of that bound. This script measures, on one device:
 1. Memory bandwidth: `x + 1` over a large array (4 GiB on a GPU), donated so it runs in place;
    bytes read + bytes written per call, median over timed samples after warm-ups.
 2. For each model (default random/1.3B and random/6.7B, FP16, random weights made on the device by
-   opt_utils.random_params): a 32-token prompt is written into a batch-1 KV cache of
+   random_params): a 32-token prompt is written into a batch-1 KV cache of
    32 + steps + 1 columns, then `--steps` greedy tokens are decoded two ways:
    a. per-step dispatch: one jitted one-token step (cache donated) called from Python per token;
    b. on-device loop: one jitted `lax.fori_loop` of `--loop-steps` tokens per call, so Python's
@@ -62,8 +62,12 @@ import numpy as np  # noqa: E402
 try:
     import opt_utils  # noqa: E402
     from modeling_flax_opt import KVCache  # noqa: E402
-except ImportError as error:  # a package opt_utils needs at import time is missing on this machine
-    sys.exit(f"cannot import opt_utils / modeling_flax_opt from {ROOT}: {error}")
+    from plan import Request, Sampling, SlotShapes  # noqa: E402
+    from runner import SlotRunner  # noqa: E402
+    from sharding import make_mesh, path_name  # noqa: E402
+    from weights import build_model, random_params  # noqa: E402
+except ImportError as error:  # a package these need at import time is missing on this machine
+    sys.exit(f"cannot import the engine's modules from {ROOT}: {error}")
 
 DEFAULT_MODELS = ("random/1.3B", "random/6.7B")
 DTYPE = jnp.float16
@@ -162,16 +166,16 @@ class Loaded:
 def load_random(name: str, device: jax.Device) -> Loaded:
     """The model on a one-device mesh with random FP16 weights made on the device."""
     config = opt_utils.model_config(name, None)
-    mesh = opt_utils.make_mesh([device], config)
-    model = opt_utils.build_model(config, dtype=DTYPE, mesh=mesh)
+    mesh = make_mesh([device], config)
+    model = build_model(config, dtype=DTYPE, mesh=mesh)
     begin = time.perf_counter()
-    params = opt_utils.random_params(model, mesh)
+    params = random_params(model, mesh)
     block(params)
     return Loaded(name, model, params, config, mesh, time.perf_counter() - begin)
 
 
 def leaves_by_name(params: Any) -> dict[str, jax.Array]:
-    return {opt_utils.path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    return {path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
 def parameter_count(loaded: Loaded) -> int:
@@ -342,19 +346,19 @@ def measure_model(name: str, device: jax.Device, args: argparse.Namespace, bandw
 
 
 def measure_engine(loaded: Loaded, args: argparse.Namespace) -> dict[str, Any]:
-    """Decode at batch 1 the way the server runs it: engine.Scheduler over opt_utils.SlotRunner (one slot).
+    """Decode at batch 1 the way the server runs it: engine.Scheduler over SlotRunner (one slot).
 
     Shapes cover `--engine-positions` positions (fewer programs to compile than the model's 2048). The
     rate is the request's tokens after the first over the time after its first token (no prefill).
     """
     import engine
 
-    shapes = opt_utils.SlotShapes.make(slots=1, max_positions=args.engine_positions)
-    runner = opt_utils.SlotRunner(model=loaded.model, params=loaded.params, mesh=loaded.mesh, shapes=shapes)
+    shapes = SlotShapes.make(slots=1, max_positions=args.engine_positions)
+    runner = SlotRunner(model=loaded.model, params=loaded.params, mesh=loaded.mesh, shapes=shapes)
     compile_s = runner.warm_up()
     scheduler = engine.Scheduler(runner, eos_id=loaded.config.eos_token_id)
     prompt = tuple(int(t) for t in np.asarray(prompt_tokens(loaded.config.vocab_size)).reshape(-1))
-    request = opt_utils.Request(prompt, args.steps, opt_utils.Sampling(ignore_eos=True))
+    request = Request(prompt, args.steps, Sampling(ignore_eos=True))
     scheduler.generate([dataclasses.replace(request, max_new_tokens=8)])  # first runs of every program
     runs = []
     for _ in range(args.repeats):

@@ -14,6 +14,8 @@ import torch
 import transformers
 
 import opt_utils
+from sharding import make_mesh
+from weights import load_params
 from modeling_flax_opt import OPTForCausalLM
 
 TINY = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, ffn_dim=32,
@@ -57,5 +59,5 @@ def load_ours(folder: Path) -> tuple[OPTForCausalLM, Any]:
     """Our float32 model and params from a checkpoint folder, through the path the server takes."""
     config = opt_utils.model_config(str(folder), None)
     model = OPTForCausalLM(config, jnp.float32)
-    mesh = opt_utils.make_mesh(jax.devices()[:1], config)
-    return model, opt_utils.load_params(Path(folder), model, mesh)
+    mesh = make_mesh(jax.devices()[:1], config)
+    return model, load_params(Path(folder), model, mesh)

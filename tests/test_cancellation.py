@@ -277,9 +277,9 @@ def served() -> Iterator[Served]:
     from pytriton.model_config import ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
-    import server
+    import triton_models
 
-    server.ensure_libpython_on_path()
+    triton_models.ensure_libpython_on_path()
     cancellation.install_stub_model()
     listener = CancelListener()  # before Triton starts: its stubs inherit the socket's path
     seen: dict[str, Seen] = {}
@@ -302,7 +302,7 @@ def served() -> Iterator[Served]:
         triton.run()
         yield Served(triton, listener, seen, http_port, grpc_port)
     finally:
-        server.stop_triton(triton)  # also ends leftover stubs and removes their /tmp/folder* copies
+        triton_models.stop_triton(triton)  # also ends leftover stubs and removes their /tmp/folder* copies
         listener.close()
 
 

@@ -17,6 +17,8 @@ from flax.traverse_util import unflatten_dict
 from jax.sharding import PartitionSpec as P
 
 import opt_utils
+from sharding import make_mesh, partition_spec, path_name
+from weights import VOCAB_AXES, abstract_params, load_params, tensor_plan
 from modeling_flax_opt import OPTConfig, OPTForCausalLM
 from opt_reference import VARIANTS, hf_model, load_ours, state_dict
 
@@ -91,7 +93,7 @@ def hf_for(name: str) -> Any:
 
 
 def flat_params(params: Any) -> dict[str, np.ndarray]:
-    return {opt_utils.path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    return {path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
 
 
 @pytest.fixture(scope="module", params=sorted(FORMAT_VARIANTS))
@@ -174,8 +176,8 @@ def ours_and_theirs(variant: str) -> tuple[OPTConfig, dict[str, Any], dict[str, 
     """Our config and abstract params, and transformers' tensors by their checkpoint names."""
     hf = hf_model(variant)
     config = OPTConfig.from_hf(hf.config.to_dict())
-    abstract = opt_utils.abstract_params(OPTForCausalLM(config, jnp.float32))
-    ours = {opt_utils.path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(abstract)}
+    abstract = abstract_params(OPTForCausalLM(config, jnp.float32))
+    ours = {path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(abstract)}
     theirs = {k.removeprefix("model."): v for k, v in state_dict(hf).items()}
     return config, ours, theirs
 
@@ -185,7 +187,7 @@ def test_tensor_plan_maps_every_param_to_a_checkpoint_tensor_of_its_shape_and_us
     config, ours, theirs = ours_and_theirs(variant)
     used = set()
     for name, leaf in ours.items():
-        plan = opt_utils.tensor_plan(name, config)
+        plan = tensor_plan(name, config)
         assert plan.name in theirs, (name, plan)
         shape = theirs[plan.name].shape
         assert (shape[::-1] if plan.transpose else shape) == leaf.shape, (name, plan, shape)
@@ -219,7 +221,7 @@ def test_partition_spec_covers_every_param_of_every_variant_with_a_spec_that_fit
     for variant in VARIANTS:
         _, ours, _ = ours_and_theirs(variant)
         for name, leaf in ours.items():
-            spec = opt_utils.partition_spec(name)
+            spec = partition_spec(name)
             assert len(spec) <= len(leaf.shape), (name, spec, leaf.shape)
             if name in EXPECTED_SPECS:
                 assert spec == EXPECTED_SPECS[name], (variant, name, spec)
@@ -229,7 +231,7 @@ def test_partition_spec_covers_every_param_of_every_variant_with_a_spec_that_fit
 
 def test_partition_spec_of_an_unknown_parameter_is_a_key_error_naming_it() -> None:
     with pytest.raises(KeyError, match=re.escape("layers_0/self_attn/rotary/kernel")):
-        opt_utils.partition_spec("layers_0/self_attn/rotary/kernel")
+        partition_spec("layers_0/self_attn/rotary/kernel")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -241,8 +243,8 @@ def load_padded(folder: Path, vocab_multiple: int) -> dict[str, jax.Array]:
     """Our float32 model with its vocabulary padded to a multiple of `vocab_multiple`, loaded on two devices."""
     config = opt_utils.model_config(str(folder), None)
     model = OPTForCausalLM(config, jnp.float32, vocab_multiple=vocab_multiple)
-    params = opt_utils.load_params(folder, model, opt_utils.make_mesh(jax.devices()[:2], config))
-    return {opt_utils.path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    params = load_params(folder, model, make_mesh(jax.devices()[:2], config))
+    return {path_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
 
 
 # The tiny checkpoints hold 64 ids; each of the two devices holds half of the padded rows, so the second
@@ -261,7 +263,7 @@ def test_a_checkpoint_loads_into_a_padded_model_as_the_unpadded_params_then_zero
     assert loaded.keys() == expected.keys()
     for name, value in loaded.items():
         value = np.asarray(value)
-        axis = opt_utils.VOCAB_AXES.get(name)
+        axis = VOCAB_AXES.get(name)
         if axis is not None:
             assert value.shape[axis] == padded, name
             np.testing.assert_array_equal(value.take(range(vocab, padded), axis=axis), 0.0, err_msg=name)

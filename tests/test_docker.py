@@ -156,16 +156,29 @@ def test_pypi_and_dist_builds_both_install_with_install_sh_cuda_system() -> None
     assert runs(dist) == ["PYTRITON_WHEEL=\"$(find dist -name '*.whl')\" ./install.sh --cuda --system"]
 
 
-def test_image_copies_every_file_the_server_and_install_sh_need() -> None:
-    copied = copied_sources()
-    needed = {"server.py", "client.py", "opt_utils.py", "modeling_flax_opt.py", "install.sh", "constraints.txt",
-              "requirements.txt", "requirements-test.txt", "kubernetes/"}
-    # Every module of ours that the served code imports, so a new one cannot be left out of the image.
-    for source in ("server.py", "client.py", "engine.py", "opt_utils.py", "modeling_flax_opt.py"):
+def our_imports_from(start: str) -> set[str]:
+    """`start` and every module of ours it imports, at any depth (function-level imports included)."""
+    seen, todo = set(), [start]
+    while todo:
+        source = todo.pop()
+        if source in seen:
+            continue
+        seen.add(source)
         for node in ast.walk(ast.parse((ROOT / source).read_text())):
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
-            needed.update(f"{name}.py" for name in names if (ROOT / f"{name}.py").is_file())
+            todo.extend(f"{name}.py" for name in names if (ROOT / f"{name}.py").is_file())
+    return seen
+
+
+def test_image_copies_every_file_the_server_and_install_sh_need() -> None:
+    copied = copied_sources()
+    needed = {"install.sh", "constraints.txt", "requirements.txt", "requirements-test.txt", "kubernetes/",
+              "stub_model.py"}  # Triton loads our stub from its file: nothing imports it
+    # Every module of ours that server.py and client.py import, directly or through each other, so that a
+    # new module cannot be left out of the image.
+    needed |= our_imports_from("server.py") | our_imports_from("client.py")
+    assert {"server.py", "client.py", "opt_utils.py", "modeling_flax_opt.py", "engine.py"} <= needed
     assert needed <= set(copied), sorted(needed - set(copied))
     ignored = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     for source in copied:

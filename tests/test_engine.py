@@ -11,10 +11,14 @@ import numpy as np
 import pytest
 
 import opt_utils
+from sharding import make_mesh, param_shardings
+from weights import abstract_params
 import engine as engine_module
 from engine import InFlight, Scheduler
 from modeling_flax_opt import KVCache, OPTForCausalLM
-from opt_utils import Admission, Plan, PrefillGroup, Request, Sampling, SlotRunner, SlotShapes, path_name
+from plan import Admission, Plan, PrefillGroup, Request, Sampling, SlotShapes
+from runner import SlotRunner
+from sharding import path_name
 
 # Every backend compile in this process, by function name (JAX reports each one, from its persistent
 # cache or not, under this event).
@@ -29,15 +33,15 @@ def tiny() -> SlotRunner:
     """random/tiny with 64 positions, float32, random weights, in 4 slots; chunk 16, 64 prefill tokens a step."""
     config = dataclasses.replace(opt_utils.random_config("random/tiny"), max_position_embeddings=64)
     model = OPTForCausalLM(config, jnp.float32)
-    mesh = opt_utils.make_mesh(jax.devices()[:1], config)
+    mesh = make_mesh(jax.devices()[:1], config)
     # Weights of std 0.2 (LayerNorm scales about 1), ten times OPT's init, so that greedy output varies
     # instead of repeating one token; drawn by numpy, as compiling jax's random init costs seconds.
     rng = np.random.default_rng(0)
     draw = lambda path, a: rng.normal(1.0 if path_name(path).endswith("scale") else 0.0, 0.2, a.shape)
-    abstract = opt_utils.abstract_params(model)
+    abstract = abstract_params(model)
     params = jax.tree_util.tree_map_with_path(
         lambda path, a, sharding: jax.device_put(draw(path, a).astype(np.float32), sharding),
-        abstract, opt_utils.param_shardings(abstract, mesh))
+        abstract, param_shardings(abstract, mesh))
     shapes = SlotShapes.make(slots=4, max_positions=64, chunk=16, prefill_tokens=64)
     # Prompts of up to 16, 32 or 64 tokens; 4, 2 or 1 of them prefilled at once; one window; 96 columns.
     assert shapes.prefill_shapes() == [(1, 16), (2, 16), (4, 16), (1, 32), (2, 32), (1, 64)]

@@ -11,11 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import opt_utils
 from engine import Scheduler
 from modeling_flax_opt import KVCache, OPTConfig
-from opt_utils import (Admissions, Request, Sampling, SlotRunner, SlotShapes, SlotState, admit, decode_step,
-                       decode_first_rows, filter_logits, prefill_chunk, sample, shift_columns, split_seed)
+from plan import Request, Sampling, SlotShapes, split_seed
+from runner import SlotRunner
+from sharding import make_mesh
+from slots import (Admissions, SlotState, admit, decode_first_rows, decode_step, filter_logits, greedy, prefill_chunk,
+                   sample, shift_columns)
 
 # ---------------------------------------------------------------------------------------------------
 # A fake model: the next token is the token asked about plus one
@@ -345,9 +347,9 @@ def sample_rows(logits: np.ndarray, temperature, top_k, top_p, seeds, index) -> 
 
 def test_sample_at_temperature_zero_is_the_argmax_whatever_the_filters_and_seeds() -> None:
     logits = np.random.default_rng(0).normal(0, 1, (8, 50))
-    greedy = np.argmax(logits, axis=-1)
-    np.testing.assert_array_equal(sample_rows(logits, 0.0, 5, 0.3, np.arange(8), 3), greedy)
-    np.testing.assert_array_equal(opt_utils.greedy(jnp.asarray(logits)), greedy)
+    argmax = np.argmax(logits, axis=-1)
+    np.testing.assert_array_equal(sample_rows(logits, 0.0, 5, 0.3, np.arange(8), 3), argmax)
+    np.testing.assert_array_equal(greedy(jnp.asarray(logits)), argmax)
 
 
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 10.0, 100.0])
@@ -460,7 +462,7 @@ def fake_runner() -> SlotRunner:
     once in the first (compiling costs about as much per program as random/tiny's: few shapes)."""
     config = OPTConfig(vocab_size=V, hidden_size=4, num_attention_heads=1, num_hidden_layers=1, ffn_dim=4,
                        word_embed_proj_dim=4, max_position_embeddings=24, eos_token_id=EOS)
-    mesh = opt_utils.make_mesh(jax.devices()[:1], config)
+    mesh = make_mesh(jax.devices()[:1], config)
     shapes = SlotShapes.make(slots=2, max_positions=24, chunk=8, prefill_tokens=16)
     assert shapes.prefill_shapes() == [(1, 8), (2, 8), (1, 16), (1, 24)]
     runner = SlotRunner(model=AffineLM(config), params=affine_params(mesh, 1, 1), mesh=mesh, shapes=shapes)

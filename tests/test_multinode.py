@@ -17,8 +17,8 @@ import pytest
 import tritonclient.http as httpclient
 
 import client
-import server
-from opt_utils import Admission, Plan, PrefillGroup, Request, Sampling
+import channel
+from plan import Admission, Plan, PrefillGroup, Request, Sampling
 from serving import (MIXED_LENGTHS, MIXED_PROMPTS, ServerProcess, infer, run_client, running_server, start_group,
                      wait_exit, wait_ready)
 
@@ -113,22 +113,22 @@ def a_plan() -> Plan:
 
 
 def test_a_plan_crosses_the_channel_as_plain_integers_and_comes_back_equal():
-    message = server.encode_plan(a_plan())
+    message = channel.encode_plan(a_plan())
     assert len(message) == 4 * (11 + 2 * 3 + 3 * 9 + 3 + 1 + 298)  # header, groups, rows, tokens
-    assert server.decode_plan(message) == a_plan()
-    assert server.decode_plan(server.encode_plan(None)) is None
+    assert channel.decode_plan(message) == a_plan()
+    assert channel.decode_plan(channel.encode_plan(None)) is None
     greedy_step = dataclasses.replace(a_plan(), sampling=False)  # the rows' settings do not leak into the step's
-    assert server.decode_plan(server.encode_plan(greedy_step)) == greedy_step
+    assert channel.decode_plan(channel.encode_plan(greedy_step)) == greedy_step
     nothing_to_move = dataclasses.replace(a_plan(), moves=False)  # a shift over an empty cache
-    assert server.decode_plan(server.encode_plan(nothing_to_move)) == nothing_to_move
+    assert channel.decode_plan(channel.encode_plan(nothing_to_move)) == nothing_to_move
 
 
 def test_a_malformed_channel_message_is_an_error_not_a_guess():
-    good = server.encode_plan(a_plan())
-    with pytest.raises(server.GroupError, match="malformed"):
-        server.decode_plan(b"\x07\x00\x00\x00" + good[4:])  # another wire format version
-    with pytest.raises(server.GroupError, match="does not hold 2 groups, 3 rows and 302 tokens"):
-        server.decode_plan(good[:-4])
+    good = channel.encode_plan(a_plan())
+    with pytest.raises(channel.GroupError, match="malformed"):
+        channel.decode_plan(b"\x07\x00\x00\x00" + good[4:])  # another wire format version
+    with pytest.raises(channel.GroupError, match="does not hold 2 groups, 3 rows and 302 tokens"):
+        channel.decode_plan(good[:-4])
 
 
 # --- joining --------------------------------------------------------------------------------------

@@ -18,6 +18,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import opt_utils
+from plan import Request, SlotShapes
+from runner import SlotRunner
+from sharding import make_mesh
+from weights import random_params
 import program_cache
 from modeling_flax_opt import OPTForCausalLM
 from program_cache import ProgramCache, ProgramSpec
@@ -28,14 +32,14 @@ jax.monitoring.register_event_duration_secs_listener(
     lambda event, seconds, **kwargs: COMPILES.append(str(kwargs.get("fun_name"))) if event == BACKEND_COMPILE else None)
 
 CONFIG = dataclasses.replace(opt_utils.random_config("random/tiny"), max_position_embeddings=32)
-SHAPES = opt_utils.SlotShapes.make(slots=2, max_positions=32, chunk=16, prefill_tokens=32)
+SHAPES = SlotShapes.make(slots=2, max_positions=32, chunk=16, prefill_tokens=32)
 
 
 def mesh(devices: int = 1) -> jax.sharding.Mesh:
-    return opt_utils.make_mesh(jax.devices()[:devices], CONFIG)
+    return make_mesh(jax.devices()[:devices], CONFIG)
 
 
-def cache_under(root: Path, *, shapes: opt_utils.SlotShapes = SHAPES,
+def cache_under(root: Path, *, shapes: SlotShapes = SHAPES,
                 on: jax.sharding.Mesh | None = None) -> ProgramCache:
     return ProgramCache.under(str(root), mesh=on or mesh(), config=CONFIG, dtype=np.dtype("float32"), shapes=shapes)
 
@@ -100,7 +104,7 @@ def test_a_corrupt_entry_is_reported_compiled_again_and_replaced(tmp_path: Path,
 
 def test_an_entry_of_another_configuration_copied_into_the_folder_is_never_loaded(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    other_shapes = opt_utils.SlotShapes.make(slots=4, max_positions=32, chunk=16, prefill_tokens=32)
+    other_shapes = SlotShapes.make(slots=4, max_positions=32, chunk=16, prefill_tokens=32)
     other = cache_under(tmp_path, shapes=other_shapes)
     run_affine(other.build(affine_spec(mesh())))
     mine = cache_under(tmp_path)
@@ -135,7 +139,7 @@ def test_the_key_covers_the_mesh_and_the_log_names_what_changed(tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     one = cache_under(tmp_path)
     assert one.key["jax"] == jax.__version__ and one.key["shapes"] == repr(SHAPES)
-    other_device = opt_utils.make_mesh(jax.devices()[1:2], CONFIG)  # the same shapes on another device
+    other_device = make_mesh(jax.devices()[1:2], CONFIG)  # the same shapes on another device
     with caplog.at_level(logging.INFO, logger="program_cache"):
         moved = cache_under(tmp_path, on=other_device)
     assert moved.fingerprint != one.fingerprint and moved.key["mesh"] != one.key["mesh"]
@@ -151,7 +155,7 @@ def test_source_digest_follows_our_sources(tmp_path: Path) -> None:
     for name in program_cache.OWN_SOURCES:
         (tmp_path / name).write_text("one")
     before = program_cache.source_digest(tmp_path)
-    (tmp_path / "opt_utils.py").write_text("two")
+    (tmp_path / "runner.py").write_text("two")
     assert program_cache.source_digest(tmp_path) != before
 
 
@@ -180,12 +184,12 @@ def test_a_restarted_runner_loads_every_program_and_generates_the_same_tokens(tm
     def generate() -> tuple[list[list[int]], program_cache.Stats]:
         on = mesh()
         programs = cache_under(tmp_path, on=on)
-        params = opt_utils.random_params(model, on, programs=programs)
-        runner = opt_utils.SlotRunner(model=model, params=params, mesh=on, shapes=SHAPES, programs=programs)
+        params = random_params(model, on, programs=programs)
+        runner = SlotRunner(model=model, params=params, mesh=on, shapes=SHAPES, programs=programs)
         runner.warm_up()
         import engine
 
-        requests = [opt_utils.Request((2, 7, 9), 6), opt_utils.Request(tuple(range(3, 23)), 5)]
+        requests = [Request((2, 7, 9), 6), Request(tuple(range(3, 23)), 5)]
         return engine.Scheduler(runner, eos_id=-1).generate(requests), programs.stats
 
     first, stats = generate()

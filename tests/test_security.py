@@ -180,6 +180,7 @@ def test_coordinator_bind_address_gets_the_port_of_head_url(address: str | None,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import jax
 
+    import group
     import server
 
     calls: list[dict[str, Any]] = []
@@ -187,7 +188,7 @@ def test_coordinator_bind_address_gets_the_port_of_head_url(address: str | None,
     flags = ["--coordinator-bind-address", address] if address else []
     args = server.parse_args(["--head-url", "opt-0.opt-headless:23456", "--number-of-nodes", "2", *flags])
     failures: list[BaseException] = []
-    server._initialize_distributed(args, failures)
+    group._initialize_distributed(args, failures)
     assert failures == [] and len(calls) == 1
     assert calls[0]["coordinator_bind_address"] == bind  # None: jax's default, [::]:23456
 
@@ -204,10 +205,11 @@ COORDINATOR = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import psutil
+import group
 import server
 args = server.parse_args(["--number-of-nodes", "1", "--head-url", "127.0.0.1:" + sys.argv[2], *sys.argv[3:]])
 failures = []
-server._initialize_distributed(args, failures)
+group._initialize_distributed(args, failures)
 assert not failures, failures
 print(sorted({(c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections("inet") if c.status == "LISTEN"}))
 """

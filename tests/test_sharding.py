@@ -17,6 +17,10 @@ import pytest
 
 import engine
 import opt_utils
+from plan import Request, Sampling, SlotShapes
+from runner import SlotRunner
+from sharding import make_mesh, param_shardings, path_name
+from weights import VOCAB_AXES, build_model, per_device_bytes, random_params, split_and_replicated_bytes
 from modeling_flax_opt import OPTForCausalLM
 
 CONFIG = dataclasses.replace(opt_utils.random_config("random/tiny"), max_position_embeddings=256)
@@ -26,9 +30,9 @@ TESTS = Path(__file__).resolve().parent
 def test_each_of_two_devices_holds_half_of_every_split_parameter():
     assert len(jax.devices()) >= 2, "conftest.py asks XLA for simulated CPU devices"
     model = OPTForCausalLM(CONFIG, jnp.float16)
-    params = opt_utils.random_params(model, opt_utils.make_mesh(jax.devices()[:2], CONFIG))
-    split, replicated = opt_utils.split_and_replicated_bytes(params)
-    held = opt_utils.per_device_bytes(params)
+    params = random_params(model, make_mesh(jax.devices()[:2], CONFIG))
+    split, replicated = split_and_replicated_bytes(params)
+    held = per_device_bytes(params)
     assert len(held) == 2
     assert split > replicated  # the check below would be weak if little were split
     for device_bytes in held.values():
@@ -38,7 +42,7 @@ def test_each_of_two_devices_holds_half_of_every_split_parameter():
 def test_a_mesh_the_heads_do_not_divide_is_an_error_naming_them():
     config = dataclasses.replace(CONFIG, num_attention_heads=2, hidden_size=64)
     try:
-        opt_utils.make_mesh(jax.devices()[:1] * 3, config)
+        make_mesh(jax.devices()[:1] * 3, config)
     except ValueError as error:
         assert "num_attention_heads=2" in str(error)
     else:
@@ -46,19 +50,19 @@ def test_a_mesh_the_heads_do_not_divide_is_an_error_naming_them():
 
 
 # Cheap shapes (one prompt bucket of 32, one prefill row, one window): compiling dominates these tests.
-SHAPES = opt_utils.SlotShapes.make(slots=2, max_positions=32, chunk=32, prefill_tokens=32)
+SHAPES = SlotShapes.make(slots=2, max_positions=32, chunk=32, prefill_tokens=32)
 
 
-def requests(vocab_size: int) -> list[opt_utils.Request]:
+def requests(vocab_size: int) -> list[Request]:
     """Three greedy requests and a sampled one (vocabulary-wide: top-k off) for two slots."""
     rng = np.random.default_rng(0)
     prompt = lambda n: tuple(int(t) for t in rng.integers(4, vocab_size, n))
-    return [opt_utils.Request(prompt(5), 9), opt_utils.Request(prompt(20), 4), opt_utils.Request(prompt(1), 12),
-            opt_utils.Request(prompt(7), 10, opt_utils.Sampling(temperature=1.0, top_p=0.95, seed=11))]
+    return [Request(prompt(5), 9), Request(prompt(20), 4), Request(prompt(1), 12),
+            Request(prompt(7), 10, Sampling(temperature=1.0, top_p=0.95, seed=11))]
 
 
 def generate(model: OPTForCausalLM, params: Any, mesh: Any) -> list[list[int]]:
-    runner = opt_utils.SlotRunner(model=model, params=params, mesh=mesh, shapes=SHAPES)
+    runner = SlotRunner(model=model, params=params, mesh=mesh, shapes=SHAPES)
     runner.warm_up()
     return engine.Scheduler(runner, eos_id=model.config.eos_token_id).generate(requests(model.config.vocab_size))
 
@@ -67,17 +71,17 @@ def generate(model: OPTForCausalLM, params: Any, mesh: Any) -> list[list[int]]:
 def one_device() -> dict[str, Any]:
     """Random/tiny (seed 3) on one device: its model, weights, their digest and the tokens of `requests`."""
     model = OPTForCausalLM(CONFIG, jnp.float32)
-    mesh = opt_utils.make_mesh(jax.devices()[:1], CONFIG)
-    params = opt_utils.random_params(model, mesh, seed=3)
+    mesh = make_mesh(jax.devices()[:1], CONFIG)
+    params = random_params(model, mesh, seed=3)
     tokens = generate(model, params, mesh)
     assert [len(row) for row in tokens] == [r.max_new_tokens for r in requests(CONFIG.vocab_size)]  # no EOS
     return dict(model=model, params=params, digest=real_values_digest(params, CONFIG.vocab_size), tokens=tokens)
 
 
 def test_generation_on_two_devices_gives_the_tokens_of_one_device(one_device: dict[str, Any]):
-    two = opt_utils.make_mesh(jax.devices()[:2], CONFIG)
+    two = make_mesh(jax.devices()[:2], CONFIG)
     params = one_device["params"]
-    params_two = jax.device_put(params, opt_utils.param_shardings(params, two))
+    params_two = jax.device_put(params, param_shardings(params, two))
     assert generate(one_device["model"], params_two, two) == one_device["tokens"]
 
 
@@ -86,7 +90,7 @@ def real_values_digest(params: Any, vocab_size: int) -> str:
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         value = np.asarray(leaf)
-        axis = opt_utils.VOCAB_AXES.get(opt_utils.path_name(path))
+        axis = VOCAB_AXES.get(path_name(path))
         if axis is not None:
             value = value.take(range(vocab_size), axis=axis)
         digest.update(np.ascontiguousarray(value).tobytes())
@@ -98,12 +102,12 @@ def generate_on_six_devices() -> dict[str, Any]:
 
     Runs in a subprocess that has six simulated devices (this process has two).
     """
-    mesh = opt_utils.make_mesh(jax.devices()[:6], CONFIG)
-    model = opt_utils.build_model(CONFIG, dtype=jnp.float32, mesh=mesh)
-    params = opt_utils.random_params(model, mesh, seed=3)
-    split, replicated = opt_utils.split_and_replicated_bytes(params)
+    mesh = make_mesh(jax.devices()[:6], CONFIG)
+    model = build_model(CONFIG, dtype=jnp.float32, mesh=mesh)
+    params = random_params(model, mesh, seed=3)
+    split, replicated = split_and_replicated_bytes(params)
     return dict(padded_vocab_size=model.padded_vocab_size, split=split, replicated=replicated,
-                held=sorted(opt_utils.per_device_bytes(params).values()),
+                held=sorted(per_device_bytes(params).values()),
                 digest=real_values_digest(params, CONFIG.vocab_size), tokens=generate(model, params, mesh))
 
 

@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 
 import client
 import opt_utils
-import server as server_module
+import triton_models
 from serving import MIXED_LENGTHS, MIXED_PROMPTS, ServerProcess, infer, run_client, running_server
 
 
@@ -46,7 +46,7 @@ def test_stream_pieces_never_split_a_multibyte_character():
     text = " Zażółć gęślą jaźń 😀🚀 日本語のテキスト"
     ids = tokenizer.encode(text)[1:]
     assert len(ids) > len(text.split()), "the test needs characters spread over several tokens"
-    stream = server_module.TextStream(tokenizer)
+    stream = triton_models.TextStream(tokenizer)
     out = [stream.push(t) for t in ids] + [stream.finish()]
     assert all("\ufffd" not in piece for piece in out)
     assert "".join(out) == text

@@ -11,6 +11,10 @@ import pytest
 
 import engine
 import opt_utils
+from plan import Request, Sampling, SlotShapes
+from runner import SlotRunner
+from sharding import make_mesh, param_shardings, path_name
+from weights import VOCAB_AXES, abstract_params, random_params
 from modeling_flax_opt import KVCache, OPTForCausalLM
 
 # OPT's 50272 ids padded to a multiple of 3 (as for 3 or 6 devices): 50274, two padded ids.
@@ -21,7 +25,7 @@ PADDED = OPTForCausalLM(CONFIG, jnp.float32, vocab_multiple=3)
 
 
 def flat(params: Any) -> dict[str, np.ndarray]:
-    return {opt_utils.path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    return {path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
 
 
 def with_head_padding(params: Any, padding: np.ndarray) -> Any:
@@ -35,7 +39,7 @@ def with_head_padding(params: Any, padding: np.ndarray) -> Any:
 @pytest.fixture(scope="module")
 def params() -> Any:
     """UNPADDED's random weights on one device."""
-    return opt_utils.random_params(UNPADDED, opt_utils.make_mesh(jax.devices()[:1], CONFIG), seed=0)
+    return random_params(UNPADDED, make_mesh(jax.devices()[:1], CONFIG), seed=0)
 
 
 def last_logits(model: OPTForCausalLM) -> Callable[[Any, np.ndarray], jax.Array]:
@@ -53,7 +57,7 @@ def test_padded_vocabulary_size_rounds_up_to_the_multiple() -> None:
     assert UNPADDED.padded_vocab_size == 50272
     assert PADDED.padded_vocab_size == 50274
     assert OPTForCausalLM(CONFIG, vocab_multiple=32).padded_vocab_size == 50272  # 2^5 divides it already
-    shapes = opt_utils.abstract_params(PADDED)
+    shapes = abstract_params(PADDED)
     assert shapes["embed_tokens"]["embedding"].shape == (50274, 96)
     assert shapes["lm_head"]["kernel"].shape == (96, 50274)
 
@@ -78,18 +82,18 @@ def test_greedy_and_sampled_generation_never_pick_a_padded_id_and_equal_the_unpa
     unmasked = OPTForCausalLM(dataclasses.replace(CONFIG, vocab_size=PADDED.padded_vocab_size), jnp.float32)
     assert np.any(np.argmax(last_logits(unmasked)(padded_params, prompts), axis=-1) >= V)
 
-    mesh = opt_utils.make_mesh(jax.devices()[:1], CONFIG)
+    mesh = make_mesh(jax.devices()[:1], CONFIG)
     # Cheap shapes (one prompt bucket, one prefill row, one window): compiling dominates this test.
-    shapes = opt_utils.SlotShapes.make(slots=2, max_positions=32, chunk=32, prefill_tokens=32)
+    shapes = SlotShapes.make(slots=2, max_positions=32, chunk=32, prefill_tokens=32)
     assert (shapes.prefill_shapes(), shapes.windows) == ([(1, 32)], (32,))
     # Three greedy requests, then one sampled over the whole vocabulary at a high temperature.
-    requests = [opt_utils.Request(tuple(int(t) for t in prompt), m) for prompt, m in zip(prompts, (9, 4, 12))]
-    sampled = opt_utils.Sampling(temperature=5.0, seed=4)
-    requests.append(opt_utils.Request(tuple(int(t) for t in prompts[0]), 12, sampled))
+    requests = [Request(tuple(int(t) for t in prompt), m) for prompt, m in zip(prompts, (9, 4, 12))]
+    sampled = Sampling(temperature=5.0, seed=4)
+    requests.append(Request(tuple(int(t) for t in prompts[0]), 12, sampled))
     results = []
     for model, p in ((UNPADDED, params), (PADDED, padded_params)):
-        placed = jax.device_put(p, opt_utils.param_shardings(p, mesh))
-        runner = opt_utils.SlotRunner(model=model, params=placed, mesh=mesh, shapes=shapes)
+        placed = jax.device_put(p, param_shardings(p, mesh))
+        runner = SlotRunner(model=model, params=placed, mesh=mesh, shapes=shapes)
         runner.warm_up()
         results.append(engine.Scheduler(runner, eos_id=CONFIG.eos_token_id).generate(requests))
     assert [len(row) for row in results[0]] == [r.max_new_tokens for r in requests]  # no EOS: every step counts
@@ -103,15 +107,15 @@ def test_random_params_of_a_padded_model_on_two_devices_equal_the_unpadded_ones_
     tied: bool,
 ) -> None:
     config = dataclasses.replace(CONFIG, tie_word_embeddings=tied)
-    one, two = opt_utils.make_mesh(jax.devices()[:1], config), opt_utils.make_mesh(jax.devices()[:2], config)
-    params = opt_utils.random_params(OPTForCausalLM(config, jnp.float32), one, seed=0)
+    one, two = make_mesh(jax.devices()[:1], config), make_mesh(jax.devices()[:2], config)
+    params = random_params(OPTForCausalLM(config, jnp.float32), one, seed=0)
     # 50274 rows: 25137 per device, the last two padding.
-    padded = opt_utils.random_params(OPTForCausalLM(config, jnp.float32, vocab_multiple=3), two, seed=0)
+    padded = random_params(OPTForCausalLM(config, jnp.float32, vocab_multiple=3), two, seed=0)
     assert padded["embed_tokens"]["embedding"].sharding.num_devices == 2
     expected, got = flat(params), flat(padded)
     assert got.keys() == expected.keys()
     for name, value in got.items():
-        axis = opt_utils.VOCAB_AXES.get(name)
+        axis = VOCAB_AXES.get(name)
         if axis is not None:
             assert value.shape[axis] == 50274, name
             np.testing.assert_array_equal(value.take(range(V, 50274), axis=axis), 0.0, err_msg=name)
