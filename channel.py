@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from plan import Admission, Plan, PrefillGroup, Request, Sampling, split_seed
+from plan import Admission, Plan, PrefillGroup, Request, Sampling
+from protocol import OPTIONAL_INPUTS, OptionalInput
 
 KEY_PREFIX = "opt-server/"  # every key this server keeps in the coordination service's key-value store
 RECEIVE_POLL_MS = 500  # how often a waiting worker looks up from the channel to check for signals
@@ -25,7 +26,16 @@ WIRE_FORMAT = 4
 KIND_STOP, KIND_STEP = 0, 1
 HEADER_WORDS = 11  # format, kind, column, shift, moves, window, decode rows, sampling, groups, rows, tokens
 GROUP_WORDS = 3  # compiled rows, prompt bucket, admissions
-ROW_WORDS = 9  # slot, prompt length, max new tokens, temperature, top_k, top_p, seed low, seed high, ignore_eos
+ROW_HEAD_WORDS = 3  # slot, prompt length, max new tokens; then each sampling input's words
+SAMPLING_INPUTS: tuple[OptionalInput, ...] = tuple(o for o in OPTIONAL_INPUTS if o.sampling)
+
+
+def setting_words(option: OptionalInput) -> int:
+    """32-bit words one value of `option` takes: its bytes, a bool taking a whole word."""
+    return max(1, np.dtype(option.dtype).itemsize // 4)
+
+
+ROW_WORDS = ROW_HEAD_WORDS + sum(map(setting_words, SAMPLING_INPUTS))  # 9: seed is two words
 
 
 def encode_plan(plan: Any | None) -> bytes:
@@ -35,8 +45,10 @@ def encode_plan(plan: Any | None) -> bytes:
         HEADER_WORDS: WIRE_FORMAT, kind (KIND_STEP or KIND_STOP), column, shift, moves (0 or 1), window,
             decode rows, sampling (0 or 1), G groups, R rows, N tokens
         G x GROUP_WORDS: each prefill group's compiled row count, prompt bucket and number of admissions
-        R x ROW_WORDS: each admitted row, in group order: slot, prompt length, max new tokens, temperature
-            (float32 bits), top_k, top_p (float32 bits), seed low and high words, ignore_eos
+        R x ROW_WORDS: each admitted row, in group order: slot, prompt length, max new tokens, then each
+            sampling input of protocol.OPTIONAL_INPUTS in the table's order (temperature, top_k, top_p,
+            seed, ignore_eos): float32 as its bits, int32 and bool as one word, int64 (the seed) as its
+            low and high words
         N words: the rows' prompt token ids, concatenated in row order
     """
     if plan is None:
@@ -44,10 +56,8 @@ def encode_plan(plan: Any | None) -> bytes:
     admissions = [a for g in plan.groups for a in g.admissions]
     rows = np.zeros((len(admissions), ROW_WORDS), dtype="<i4")
     for i, a in enumerate(admissions):
-        s = a.request.sampling
-        lo, hi = split_seed(s.seed)
-        rows[i] = [a.slot, len(a.request.tokens), a.request.max_new_tokens, _float_bits(s.temperature), s.top_k,
-                   _float_bits(s.top_p), _signed(lo), _signed(hi), int(s.ignore_eos)]
+        settings = [w for o in SAMPLING_INPUTS for w in _setting_to_words(o, getattr(a.request.sampling, o.name))]
+        rows[i] = [a.slot, len(a.request.tokens), a.request.max_new_tokens, *settings]
     tokens = [t for a in admissions for t in a.request.tokens]
     header = [WIRE_FORMAT, KIND_STEP, plan.column, plan.shift, int(plan.moves), plan.window, plan.rows,
               int(plan.sampling), len(plan.groups), len(admissions), len(tokens)]
@@ -55,12 +65,26 @@ def encode_plan(plan: Any | None) -> bytes:
     return np.concatenate([np.asarray(header + groups, "<i4"), rows.reshape(-1), np.asarray(tokens, "<i4")]).tobytes()
 
 
-def _float_bits(value: float) -> int:
-    return int(np.asarray(value, "<f4").view("<i4"))
+def _setting_to_words(option: OptionalInput, value: object) -> list[int]:
+    typed = np.asarray(value, np.dtype(option.dtype).newbyteorder("<"))
+    if typed.dtype.itemsize < 4:  # bool
+        return [int(typed)]
+    return np.frombuffer(typed.tobytes(), "<i4").tolist()
 
 
-def _signed(word: int) -> int:
-    return int(np.asarray(word, "<u4").view("<i4"))
+def _setting_from_words(option: OptionalInput, words: np.ndarray) -> object:
+    dtype = np.dtype(option.dtype).newbyteorder("<")
+    if dtype.itemsize < 4:
+        return np.asarray(words[0]).astype(dtype).item()
+    return np.frombuffer(np.ascontiguousarray(words, "<i4").tobytes(), dtype)[0].item()
+
+
+def _sampling_from_words(words: np.ndarray) -> Sampling:
+    values, at = {}, 0
+    for option in SAMPLING_INPUTS:
+        values[option.name] = _setting_from_words(option, words[at : at + setting_words(option)])
+        at += setting_words(option)
+    return Sampling(**values)
 
 
 def decode_plan(message: bytes) -> Any | None:
@@ -85,9 +109,7 @@ def decode_plan(message: bytes) -> Any | None:
     tokens, starts = words[tokens_at:], np.concatenate([[0], np.cumsum(rows[:, 1])])
     admissions = []
     for i, r in enumerate(rows):
-        settings = Sampling(
-            temperature=float(r[3:4].view("<f4")[0]), top_k=int(r[4]), top_p=float(r[5:6].view("<f4")[0]),
-            seed=int(r[6:7].view("<u4")[0]) | int(r[7:8].view("<u4")[0]) << 32, ignore_eos=bool(r[8]))
+        settings = _sampling_from_words(r[ROW_HEAD_WORDS:])
         request = Request(tuple(int(t) for t in tokens[starts[i] : starts[i + 1]]), int(r[2]), settings)
         admissions.append(Admission(int(r[0]), request))
     groups, first = [], 0
@@ -95,7 +117,7 @@ def decode_plan(message: bytes) -> Any | None:
         groups.append(PrefillGroup(b, bucket, tuple(admissions[first : first + count])))
         first += count
     return Plan(column=column, shift=shift, groups=tuple(groups), window=window, rows=decode_rows,
-                          sampling=bool(sampling), moves=bool(moves))
+                sampling=bool(sampling), moves=bool(moves))
 
 
 INTERRUPTED = object()  # Channel.receive's answer when its wait was cut short, not a message

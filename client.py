@@ -17,7 +17,6 @@ generate_stream endpoint (server-sent events).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import http.client
 import itertools
 import json
@@ -33,37 +32,13 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-MODEL_NAME = "OPT"
-STREAM_MODEL_NAME = "OPT_stream"
+from protocol import MODEL_NAME, OPTIONAL_INPUTS, STREAM_MODEL_NAME, OptionalInput, Settings
+
 LOGGER = logging.getLogger("client")
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """The model's optional generation inputs. A field left None is not sent at all, so the server's
-    default applies (greedy, stop at EOS) and a server that predates an input never sees it."""
-
-    temperature: float | None = None  # FP32; 0 = greedy
-    top_k: int | None = None  # INT32; 0 = off
-    top_p: float | None = None  # FP32; 1 = off
-    seed: int | None = None  # INT64; same seed and inputs give the same text
-    ignore_eos: bool | None = None  # BOOL; keep generating past EOS (benchmarks)
-    timeout_seconds: float | None = None  # FP32; the server ends the request with "timed out" after this long
-
-    def given(self) -> dict[str, Any]:
-        """The settings to send, by input name, in the field order above."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
-
+Sampling = Settings  # the model's optional inputs, as the benchmarks and tests name them
 
 # Each optional input's Triton datatype and the numpy dtype that carries it.
-SETTING_DTYPES: dict[str, tuple[str, Any]] = {
-    "temperature": ("FP32", np.float32),
-    "top_k": ("INT32", np.int32),
-    "top_p": ("FP32", np.float32),
-    "seed": ("INT64", np.int64),
-    "ignore_eos": ("BOOL", np.bool_),
-    "timeout_seconds": ("FP32", np.float32),
-}
+SETTING_DTYPES: dict[str, tuple[str, Any]] = {o.name: (o.triton_dtype, o.dtype) for o in OPTIONAL_INPUTS}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -73,24 +48,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-length", type=int, default=16, help="how many tokens to generate")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server and the answer")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--temperature", type=float, default=None,
-                        help="sampling temperature (server default 0: greedy)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (0: off)")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (1: off)")
-    parser.add_argument("--seed", type=int, default=None, help="sampling seed (>= 0): same seed, same text")
-    parser.add_argument("--ignore-eos", action="store_true", default=None,
-                        help="keep generating past the end-of-sequence token (benchmarks)")
-    parser.add_argument("--deadline", type=float, default=None,
-                        help="seconds the server may spend on the request (its input timeout_seconds); past them it "
-                             "answers with a 'timed out' error and frees the request's slot")
+    for option in OPTIONAL_INPUTS:  # each sent only when given
+        if option.dtype is np.bool_:
+            parser.add_argument(option.client_flag, action="store_true", default=None, help=option.help)
+        else:
+            kind = float if np.issubdtype(option.dtype, np.floating) else int
+            parser.add_argument(option.client_flag, type=kind, default=None, help=option.help)
     parser.add_argument("--stream", action="store_true",
                         help=f"use the streaming model {STREAM_MODEL_NAME!r} and print text as it arrives")
     return parser.parse_args(argv)
 
 
-def sampling_from_args(args: argparse.Namespace) -> Sampling:
-    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                    ignore_eos=args.ignore_eos, timeout_seconds=args.deadline)
+def _dest(option: OptionalInput) -> str:
+    return option.client_flag.removeprefix("--").replace("-", "_")
+
+
+def sampling_from_args(args: argparse.Namespace) -> Settings:
+    return Settings(**{o.name: getattr(args, _dest(o)) for o in OPTIONAL_INPUTS})
 
 
 def triton_url(server_url: str) -> tuple[str, str]:

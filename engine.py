@@ -29,12 +29,11 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
 from plan import Admission, Plan, PrefillGroup, Request, SlotShapes
-from runner import StepOutput
 
 LOGGER = logging.getLogger("engine")
 
@@ -98,11 +97,17 @@ NO_METRICS: Metrics = _NoMetrics()
 
 
 class Runner(Protocol):
-    """What the scheduler needs of SlotRunner."""
+    """What the scheduler needs of runner.SlotRunner: the engine itself never touches a device array."""
 
     shapes: SlotShapes
 
-    def run(self, plan: Plan) -> StepOutput: ...
+    def run(self, plan: Plan) -> Any:
+        """Dispatches the step; returns its output, still on the devices."""
+        ...
+
+    def read(self, output: Any) -> tuple[list[np.ndarray], np.ndarray]:
+        """A step's tokens on the host: each prefill group's first tokens [b], then every slot's [S]."""
+        ...
 
 
 @dataclasses.dataclass(eq=False)
@@ -165,7 +170,7 @@ class _Pending:
 
     plan: Plan
     occupants: list[InFlight | None]  # slot -> its sequence when the step was planned
-    output: StepOutput
+    output: Any  # the runner's, read a step later
 
 
 class Scheduler:
@@ -395,9 +400,7 @@ class Scheduler:
 
     # -- reading a step's tokens -------------------------------------------------------------------
     def _collect(self, pending: _Pending) -> None:
-        import jax
-
-        firsts, tokens = jax.device_get((pending.output.first_tokens, pending.output.tokens))
+        firsts, tokens = self._runner.read(pending.output)
         now = time.monotonic()
         for group, first in zip(pending.plan.groups, firsts):
             for admission, token in zip(group.admissions, np.asarray(first)):

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +20,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from modeling_flax_opt import KVCache, OPTConfig, OPTDecoderLayer, OPTForCausalLM
+from opt_utils import keep_freed_memory, model_config, resolve_dtype
 from plan import SEED_WORDS, Plan, PrefillGroup, SlotShapes, split_seed
 from program_cache import ProgramCache, ProgramSpec
-from sharding import KV_CACHE_SPEC
+from sharding import KV_CACHE_SPEC, make_mesh
 from slots import (Admissions, SlotState, admit_state, advance_first_rows, place_prompt, retarget,
                    shift_columns, write_step)
+from weights import build_model, load_weights
 
 LOGGER = logging.getLogger("runner")
 
@@ -345,6 +347,11 @@ class SlotRunner:
         self.column += 1
         return StepOutput(firsts, tokens)
 
+    def read(self, output: StepOutput) -> tuple[list[np.ndarray], np.ndarray]:
+        """The step's tokens on the host: each prefill group's first tokens [b], then every slot's [S]."""
+        firsts, tokens = jax.device_get((output.first_tokens, output.tokens))
+        return [np.asarray(f) for f in firsts], np.asarray(tokens)
+
     def _decode(self, window: int, rows: int, sampling: bool) -> jax.Array:
         """One decode step over slots 0..rows-1; returns every slot's newest token [S]."""
         state, cache = self.state, self.cache
@@ -402,3 +409,40 @@ class SlotRunner:
                 fields[name][row] = value
             seed[row] = split_seed(s.seed)
         return Admissions(**{name: self._put(v) for name, v in fields.items()}, seed=self._put(seed))
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    """Everything one rank needs to run plans, as `build_runner` makes it."""
+
+    config: OPTConfig
+    mesh: Mesh
+    model: OPTForCausalLM
+    params: Any
+    runner: SlotRunner
+    compile_s: float  # the warm-up's: compiling or loading every program
+
+
+def build_runner(model_name: str, *, devices: Sequence[jax.Device], dtype: str = "auto", slots: int,
+                 prefill_tokens: int = 4096, cache_dir: str | None = None, config: OPTConfig | None = None,
+                 shapes: SlotShapes | None = None) -> Served:
+    """The one way to bring a model up (server, benchmarks, tests): config, mesh over `devices`, model,
+    weights (sharded over every device of every rank) and the runner, every program compiled or loaded.
+
+    `dtype`: "auto" or a name (see opt_utils.resolve_dtype); `config` and `shapes` override the model's
+    own and those `slots` and `prefill_tokens` make (tests use small ones).
+    """
+    keep_freed_memory()
+    config = config or model_config(model_name, cache_dir)
+    mesh = make_mesh(devices, config)
+    platform = mesh.devices.flat[0].platform
+    resolved = resolve_dtype(dtype, platform)
+    LOGGER.info("parameters and computation in %s (--dtype %s on %s)", resolved.name, dtype, platform)
+    model = build_model(config, dtype=resolved, mesh=mesh)
+    shapes = shapes or SlotShapes.make(slots=slots, max_positions=config.max_position_embeddings,
+                                       prefill_tokens=prefill_tokens)
+    programs = ProgramCache.under(cache_dir, mesh=mesh, config=config, dtype=resolved, shapes=shapes)
+    params = load_weights(model_name, model, mesh, cache_dir=cache_dir, programs=programs)
+    runner = SlotRunner(model=model, params=params, mesh=mesh, shapes=shapes, programs=programs)
+    compile_s = runner.warm_up()
+    return Served(config, mesh, model, params, runner, compile_s)

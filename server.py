@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -156,72 +155,6 @@ def install_signal_handlers(stop: threading.Event) -> None:
 
 
 serving = threading.Event()  # set once Triton is bound: from then on signals drain instead of interrupting
-
-
-# ---------------------------------------------------------------------------------------------------
-# The model on this process's devices
-# ---------------------------------------------------------------------------------------------------
-
-
-def build_runner(args: argparse.Namespace) -> tuple[Any, Any]:
-    """Loads the config, the weights (sharded over every device of every rank) and compiles every program."""
-    import jax
-
-    import opt_utils
-    from plan import SlotShapes
-    from runner import SlotRunner
-    from sharding import make_mesh
-    from weights import build_model, load_params, random_params
-    import program_cache
-
-    opt_utils.keep_freed_memory()
-    config = opt_utils.model_config(args.model_name, args.cache_dir)
-    mesh = make_mesh(mesh_devices(args.number_of_gpus), config)
-    platform = mesh.devices.flat[0].platform
-    dtype = opt_utils.resolve_dtype(args.dtype, platform)
-    LOGGER.info("parameters and computation in %s (--dtype %s on %s)", dtype.name, args.dtype, platform)
-    model = build_model(config, dtype=dtype, mesh=mesh)
-    shapes = SlotShapes.make(slots=args.decode_slots, max_positions=config.max_position_embeddings,
-                                       prefill_tokens=args.max_prefill_tokens)
-    programs = program_cache.ProgramCache.under(args.cache_dir, mesh=mesh, config=config, dtype=dtype, shapes=shapes)
-    begin = time.perf_counter()
-    if opt_utils.is_random(args.model_name):
-        params = random_params(model, mesh, programs=programs)
-    else:
-        params = load_params(opt_utils.model_dir(args.model_name, args.cache_dir), model, mesh)
-    jax.block_until_ready(params)
-    LOGGER.info("weights of %s ready in %.1f s on a mesh of %d devices (%d per rank)", args.model_name,
-                time.perf_counter() - begin, mesh.size, args.number_of_gpus)
-    log_weight_bytes(params, mesh.size)
-    runner = SlotRunner(model=model, params=params, mesh=mesh, shapes=shapes, programs=programs)
-    runner.warm_up()
-    return runner, config
-
-
-def mesh_devices(number_of_gpus: int) -> list[Any]:
-    """The first `number_of_gpus` devices of every rank, rank-major: one global mesh over the whole group.
-
-    Each rank then holds only its devices' shards of the weights; neighbouring mesh positions share a node,
-    so splitting a head group or a vocabulary range never straddles more nodes than it must.
-    """
-    import jax
-
-    per_rank: dict[int, list[Any]] = {}
-    for device in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
-        per_rank.setdefault(device.process_index, []).append(device)
-    short = {rank: len(devices) for rank, devices in per_rank.items() if len(devices) < number_of_gpus}
-    if short:
-        raise SystemExit(f"--number-of-gpus {number_of_gpus} but these ranks see fewer devices: {short}")
-    return [device for rank in sorted(per_rank) for device in per_rank[rank][:number_of_gpus]]
-
-
-def log_weight_bytes(params: Any, mesh_size: int) -> None:
-    """Logs the weight bytes each of this rank's devices holds beside the model's split and replicated totals."""
-    from weights import per_device_bytes, split_and_replicated_bytes
-
-    split, replicated = split_and_replicated_bytes(params)
-    LOGGER.info("weight bytes: %s on this rank's devices; the model has %d split over %d devices and %d replicated",
-                json.dumps(per_device_bytes(params), sort_keys=True), split, mesh_size, replicated)
 
 
 
@@ -448,7 +381,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                  if args.number_of_nodes > 1 else None)
         tokenizer = start_loading_tokenizer(args) if args.rank == 0 else None
         begin = time.perf_counter()
-        runner, config = build_runner(args)
+        from runner import build_runner  # jax and the device side: imported once the signal handlers are in
+        from sharding import mesh_devices
+
+        served = build_runner(args.model_name, devices=mesh_devices(args.number_of_gpus), dtype=args.dtype,
+                              slots=args.decode_slots, prefill_tokens=args.max_prefill_tokens,
+                              cache_dir=args.cache_dir)
+        runner, config = served.runner, served.config
         LOGGER.info("model loaded and warmed up in %.1f s", time.perf_counter() - begin)
         if args.rank == 0:
             status = serve(args, runner, config, stop, group, tokenizer.result(), started)

@@ -59,3 +59,18 @@ def param_shardings(abstract_params: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(
         lambda path, _: NamedSharding(mesh, partition_spec(path_name(path))), abstract_params
     )
+
+
+def mesh_devices(number_of_gpus: int) -> list[Any]:
+    """The first `number_of_gpus` devices of every rank, rank-major: one global mesh over the whole group.
+
+    Each rank then holds only its devices' shards of the weights; neighbouring mesh positions share a node,
+    so splitting a head group or a vocabulary range never straddles more nodes than it must.
+    """
+    per_rank: dict[int, list[Any]] = {}
+    for device in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
+        per_rank.setdefault(device.process_index, []).append(device)
+    short = {rank: len(devices) for rank, devices in per_rank.items() if len(devices) < number_of_gpus}
+    if short:
+        raise SystemExit(f"--number-of-gpus {number_of_gpus} but these ranks see fewer devices: {short}")
+    return [device for rank in sorted(per_rank) for device in per_rank[rank][:number_of_gpus]]

@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 
 from plan import Request, Sampling
-from protocol import MODEL_NAME, STREAM_MODEL_NAME, optional_inputs
+from protocol import MODEL_NAME, OPTIONAL_INPUTS, STREAM_MODEL_NAME
 from reaper import reap_leftovers, stub_model_folders
 
 LOGGER = logging.getLogger("server")
@@ -59,13 +59,13 @@ class RequestParser:
         self.tokenizer = tokenizer
         self.max_timeout = max_timeout  # --request-timeout; None: no limit
         self.max_positions = max_positions
-        self.optional = optional_inputs(vocab_size)
+        self.vocab_size = vocab_size
         self._seeds = np.random.default_rng()
 
     def parse(self, inputs: Any) -> list[Row]:
         # input: [B, 1] bytes; output_length and each optional input: [B, 1] (Triton checks dtypes and shapes).
         prompts, lengths = inputs["input"], inputs["output_length"]
-        settings = {o.name: inputs[o.name] for o in self.optional if inputs.get(o.name) is not None}
+        settings = {o.name: inputs[o.name] for o in OPTIONAL_INPUTS if inputs.get(o.name) is not None}
         for name, array in {"output_length": lengths, **settings}.items():
             if array.shape[0] != prompts.shape[0]:
                 raise BadRequest(f"input has {prompts.shape[0]} rows but {name} has {array.shape[0]}")
@@ -96,19 +96,19 @@ class RequestParser:
         limits = [float(v) for v in (given.get("timeout_seconds"), self.max_timeout) if v is not None]
         return min(limits) if limits else None
 
-    def _sampling(self, i: int, given: dict[str, Any]) -> Any:
+    def _sampling(self, i: int, given: dict[str, Any]) -> Sampling:
+        """The row's sampling inputs, each checked against the table and its default filled in."""
         values = {}
-        for option in self.optional:
+        for option in OPTIONAL_INPUTS:
             value = given.get(option.name, option.default)
-            problem = option.check(value) if value is not None else None
+            problem = option.problem(value, vocab_size=self.vocab_size) if value is not None else None
             if problem:
                 raise BadRequest(f"row {i}: {option.name} {value} {problem}")
-            values[option.name] = value
+            if option.sampling:
+                values[option.name] = None if value is None else np.asarray(value, option.dtype).item()
         if values["seed"] is None:  # unseeded sampling differs every time; rank 0 draws for every rank
             values["seed"] = int(self._seeds.integers(0, 2**63))
-        return Sampling(temperature=float(values["temperature"]), top_k=int(values["top_k"]),
-                                  top_p=float(values["top_p"]), seed=int(values["seed"]),
-                                  ignore_eos=bool(values["ignore_eos"]))
+        return Sampling(**values)
 
 
 class TextStream:
@@ -285,7 +285,7 @@ def start_triton(args: argparse.Namespace, infer: Any, stream: Any) -> Any:
                 ", ".join(security.restricted_endpoints), TRITON_ACCESS_HEADER,
                 "the token given" if args.access_token else "a random token, not printed")
     inputs = [Tensor(name="input", dtype=bytes, shape=(1,)), Tensor(name="output_length", dtype=np.int64, shape=(1,)),
-              *(Tensor(name=o.name, dtype=o.dtype, shape=(1,), optional=True) for o in optional_inputs(0))]
+              *(Tensor(name=o.name, dtype=o.dtype, shape=(1,), optional=True) for o in OPTIONAL_INPUTS)]
     outputs = [Tensor(name="output", dtype=bytes, shape=(1,))]
     for attempt in range(1, TRITON_START_ATTEMPTS + 1):
         triton = Triton(config=triton_config, security_config=security)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import re
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
@@ -16,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from modeling_flax_opt import KVCache, OPTConfig, OPTForCausalLM
-from opt_utils import WEIGHT_FORMATS
+from opt_utils import WEIGHT_FORMATS, is_random, model_dir
 from program_cache import ProgramCache, ProgramSpec
 from sharding import MODEL_AXIS, param_shardings, partition_spec, path_name
 
@@ -344,3 +345,26 @@ def split_and_replicated_bytes(params: Any) -> tuple[int, int]:
         else:
             replicated += leaf.nbytes
     return split, replicated
+
+
+def load_weights(model_name: str, model: OPTForCausalLM, mesh: Mesh, *, cache_dir: str | None,
+                 programs: ProgramCache | None = None) -> Any:
+    """The parameters of `model_name` on `mesh`, ready: random for random/<size>, else its checkpoint
+    (a local folder or a hub name, downloaded into `cache_dir`)."""
+    begin = time.perf_counter()
+    if is_random(model_name):
+        params = random_params(model, mesh, programs=programs)
+    else:
+        params = load_params(model_dir(model_name, cache_dir), model, mesh)
+    jax.block_until_ready(params)
+    LOGGER.info("weights of %s ready in %.1f s on a mesh of %d devices", model_name, time.perf_counter() - begin,
+                mesh.size)
+    log_weight_bytes(params, mesh.size)
+    return params
+
+
+def log_weight_bytes(params: Any, mesh_size: int) -> None:
+    """Logs the weight bytes each of this rank's devices holds beside the model's split and replicated totals."""
+    split, replicated = split_and_replicated_bytes(params)
+    LOGGER.info("weight bytes: %s on this rank's devices; the model has %d split over %d devices and %d replicated",
+                json.dumps(per_device_bytes(params), sort_keys=True), split, mesh_size, replicated)

@@ -83,28 +83,18 @@ def direct(args: argparse.Namespace) -> dict:
 
     import engine
     import opt_utils
-    from plan import Request, Sampling, SlotShapes
-    from runner import SlotRunner
-    from sharding import make_mesh
-    from weights import build_model, load_params, random_params
-    from program_cache import ProgramCache
+    from plan import Request, Sampling
+    from runner import build_runner
 
-    opt_utils.keep_freed_memory()
-    config = opt_utils.model_config(args.model_name, args.cache_dir)
-    mesh = make_mesh(jax.local_devices()[: args.number_of_gpus * args.number_of_nodes], config)
-    dtype = opt_utils.resolve_dtype(args.dtype, mesh.devices.flat[0].platform)
-    model = build_model(config, dtype=dtype, mesh=mesh)
     # The server's shapes: every program it would compile.
-    shapes = SlotShapes.make(slots=args.decode_slots, max_positions=config.max_position_embeddings)
-    programs = ProgramCache.under(args.cache_dir, mesh=mesh, config=config, dtype=dtype, shapes=shapes)
-    params = (random_params(model, mesh, programs=programs) if opt_utils.is_random(args.model_name)
-              else load_params(opt_utils.model_dir(args.model_name, args.cache_dir), model, mesh))
+    served = build_runner(args.model_name, devices=jax.local_devices()[: args.number_of_gpus * args.number_of_nodes],
+                          dtype=args.dtype, slots=args.decode_slots, cache_dir=args.cache_dir)
+    model, config = served.model, served.config
     tokenizer = opt_utils.load_tokenizer(args.model_name, None, args.cache_dir)
     tokens = tuple(tokenizer.encode(prompt_text(args.prompt_length)))
     assert len(tokens) == args.prompt_length, (len(tokens), args.prompt_length)
-    runner = SlotRunner(model=model, params=params, mesh=mesh, shapes=shapes, programs=programs)
-    compile_s = runner.warm_up()
-    scheduler = engine.Scheduler(runner, eos_id=config.eos_token_id)
+    compile_s = served.compile_s
+    scheduler = engine.Scheduler(served.runner, eos_id=config.eos_token_id)
     requests = [Request(tokens, args.output_length, Sampling(ignore_eos=True))] * args.batch_size
     timed_batch(scheduler, requests)
     runs = [timed_batch(scheduler, requests) for _ in range(args.repeats)]

@@ -19,11 +19,9 @@ from jax.sharding import PartitionSpec as P
 
 import opt_utils
 from plan import Request, SlotShapes
-from runner import SlotRunner
+from runner import build_runner
 from sharding import make_mesh
-from weights import random_params
 import program_cache
-from modeling_flax_opt import OPTForCausalLM
 from program_cache import ProgramCache, ProgramSpec
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
@@ -179,18 +177,13 @@ print(float(t.run_affine(cache.build(t.affine_spec(t.mesh())))["sum"]))
 
 
 def test_a_restarted_runner_loads_every_program_and_generates_the_same_tokens(tmp_path: Path) -> None:
-    model = OPTForCausalLM(CONFIG, jnp.float32)
-
     def generate() -> tuple[list[list[int]], program_cache.Stats]:
-        on = mesh()
-        programs = cache_under(tmp_path, on=on)
-        params = random_params(model, on, programs=programs)
-        runner = SlotRunner(model=model, params=params, mesh=on, shapes=SHAPES, programs=programs)
-        runner.warm_up()
+        served = build_runner("random/tiny", devices=jax.devices()[:1], dtype="float32", slots=SHAPES.slots,
+                              cache_dir=str(tmp_path), config=CONFIG, shapes=SHAPES)
         import engine
 
         requests = [Request((2, 7, 9), 6), Request(tuple(range(3, 23)), 5)]
-        return engine.Scheduler(runner, eos_id=-1).generate(requests), programs.stats
+        return engine.Scheduler(served.runner, eos_id=-1).generate(requests), served.runner.cache_store.stats
 
     first, stats = generate()
     assert stats.loaded == 0 and stats.compiled > 0
