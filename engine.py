@@ -410,3 +410,49 @@ class Scheduler:
                 sequence.add(int(tokens[slot]), now, self._metrics)
                 if sequence.finished and self._slots[slot] is sequence:
                     self._slots[slot] = None
+
+
+@dataclasses.dataclass
+class EngineThread:
+    """Rank 0's scheduler, stepping in a thread of its own."""
+
+    scheduler: "Scheduler"
+    thread: threading.Thread
+    stopping: threading.Event
+
+    @classmethod
+    def start(cls, scheduler: "Scheduler") -> "EngineThread":
+        stopping = threading.Event()
+        thread = threading.Thread(target=scheduler.run, args=(stopping,), name="engine", daemon=True)
+        thread.start()
+        return cls(scheduler, thread, stopping)
+
+    def stop(self, timeout: float) -> None:
+        """Returns once the scheduler ran its last step (it finishes what it holds first), or after `timeout`."""
+        self.stopping.set()
+        self.thread.join(timeout)
+
+
+DRAIN_HANDOVER_S = 1.0  # after the engine's last token: time for the callables to hand their responses to Triton
+
+
+def drain(scheduler: Scheduler, grace: float) -> None:
+    """SIGTERM's way out: new requests are refused; those in flight get `grace` seconds, then are ended."""
+    scheduler.stop_accepting(Draining("the server is shutting down (draining after SIGTERM) and takes no "
+                                      "new requests: send it to another replica"))
+    LOGGER.info("draining: %d rows in flight get up to %g s to finish (--exit-timeout)", scheduler.in_flight, grace)
+    if not wait_idle(scheduler, grace):
+        LOGGER.warning("drain: %d rows still in flight after %g s: ending them", scheduler.in_flight, grace)
+        scheduler.cancel_all(ShuttingDown(f"shutting down: the request did not finish within the drain's "
+                                          f"grace period of {grace:g} s (--exit-timeout)"))
+        wait_idle(scheduler, 5.0)
+    time.sleep(DRAIN_HANDOVER_S)
+    LOGGER.info("drained")
+
+
+def wait_idle(scheduler: Scheduler, timeout: float) -> bool:
+    """Whether the engine ran out of rows within `timeout` seconds (or failed: nothing more will finish)."""
+    deadline = time.monotonic() + timeout
+    while scheduler.in_flight and scheduler.failure is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not scheduler.in_flight or scheduler.failure is not None

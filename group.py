@@ -1,7 +1,6 @@
 """The multi-node group: one jax.distributed process per node. Joining, heartbeats, lost peers, leaving."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -11,11 +10,24 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from channel import KEY_PREFIX, Channel, GroupError, await_key
 
 LOGGER = logging.getLogger("server")
+
+
+class GroupFlags(Protocol):
+    """The flags a rank joins the group with (server.ServerConfig has them)."""
+
+    head_url: str
+    number_of_nodes: int
+    rank: int
+    number_of_gpus: int
+    join_timeout: float
+    peer_timeout: float
+    health_file: str | None
+    coordinator_bind_address: str | None
 
 JOIN_GRACE_S = 30  # jax's own connect timeout runs this much past --join-timeout, so ours fires first
 HEARTBEAT_INTERVAL_S = 1.0
@@ -141,6 +153,7 @@ class Group:
     channel: Channel
     monitor: PeerMonitor
     stopped_by_rank_0: bool = False  # a worker got rank 0's stop: every rank is leaving together
+    abort_hook: Any = None  # a worker's SIGABRT handler (a ctypes callback): it must live as long as the process
 
     def announce_ready(self) -> None:
         """A worker has its weights and programs: rank 0 may start taking requests."""
@@ -155,7 +168,8 @@ class Group:
         LOGGER.info("all %d ranks are ready", self.size)
 
 
-def join_group(args: argparse.Namespace, *, serving: threading.Event, take_signals_back: Callable[[], None]) -> Group:
+def join_group(args: GroupFlags, *, serving: threading.Event,
+               take_signals_back: Callable[[], None]) -> Group:
     """Joins rank 0's jax.distributed group, waiting up to --join-timeout for every rank to come.
 
     jax's connect blocks until all ranks have registered and then ends the process without saying who
@@ -183,18 +197,17 @@ def join_group(args: argparse.Namespace, *, serving: threading.Event, take_signa
     if failures:
         raise GroupError(f"could not join the group at {args.head_url}: {failures[0]}")
     take_signals_back()  # jax's preemption notifier took SIGTERM over
-    if args.rank:
-        report_abort_as_lost_rank_0(args.rank, args.head_url)
+    abort_hook = report_abort_as_lost_rank_0(args.rank, args.head_url) if args.rank else None
     LOGGER.info("joined: %d ranks, %d devices in all", jax.process_count(), jax.device_count())
     client = distributed.global_state.client
     monitor = PeerMonitor(client, rank=args.rank, size=args.number_of_nodes, timeout=args.peer_timeout,
                           on_lost=lambda reason, status: on_peer_lost(args.rank, reason, status, serving),
                           health_file=args.health_file)
     monitor.start()
-    return Group(args.rank, args.number_of_nodes, client, Channel(client), monitor)
+    return Group(args.rank, args.number_of_nodes, client, Channel(client), monitor, abort_hook=abort_hook)
 
 
-def _initialize_distributed(args: argparse.Namespace, failures: list[BaseException]) -> None:
+def _initialize_distributed(args: GroupFlags, failures: list[BaseException]) -> None:
     import jax
 
     bind = None  # jax's default: every interface ([::]) at the port of --head-url
@@ -220,7 +233,7 @@ def _try(action: Callable[[], Any]) -> bool:
         return False
 
 
-def _never_joined(client: Any, args: argparse.Namespace) -> str:
+def _never_joined(client: Any, args: GroupFlags) -> str:
     """Which ranks never signed in, read from the key-value store; or that rank 0's store never answered."""
     try:
         entries = client.key_value_dir_get(f"{KEY_PREFIX}joined/") if client is not None else None
@@ -233,10 +246,7 @@ def _never_joined(client: Any, args: argparse.Namespace) -> str:
     return f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} never joined"
 
 
-_abort_handler: Any = None  # the ctypes callback must outlive the call that installs it
-
-
-def report_abort_as_lost_rank_0(rank: int, head_url: str) -> None:
+def report_abort_as_lost_rank_0(rank: int, head_url: str) -> Any:
     """Workers: turns jax's abort on a vanished rank 0 into our log line and exit status 1.
 
     jax's coordination client polls rank 0's service; the moment that fails it ends the process with
@@ -245,7 +255,6 @@ def report_abort_as_lost_rank_0(rank: int, head_url: str) -> None:
     """
     import ctypes
 
-    global _abort_handler
     host, port = head_url.rsplit(":", 1)
 
     def head_gone() -> bool:
@@ -265,11 +274,12 @@ def report_abort_as_lost_rank_0(rank: int, head_url: str) -> None:
         os.write(2, f"{stamp} rank {rank} ERROR {LOGGER.name}: {reason}; ending this rank\n".encode())
         os._exit(1)
 
-    _abort_handler = ctypes.CFUNCTYPE(None, ctypes.c_int)(on_abort)
+    handler = ctypes.CFUNCTYPE(None, ctypes.c_int)(on_abort)
     libc = ctypes.CDLL(None)
     libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
     libc.signal.restype = ctypes.c_void_p
-    libc.signal(signal.SIGABRT, ctypes.cast(_abort_handler, ctypes.c_void_p))
+    libc.signal(signal.SIGABRT, ctypes.cast(handler, ctypes.c_void_p))
+    return handler  # the caller keeps it: freed, the callback would crash the abort it handles
 
 
 def on_peer_lost(rank: int, reason: str, status: int, serving: threading.Event) -> None:

@@ -5,14 +5,13 @@ here; the scheduler (`engine.py`) generates them; the callables hand the text ba
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import logging
 import os
 import sysconfig
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import psutil
@@ -22,6 +21,19 @@ from protocol import MODEL_NAME, OPTIONAL_INPUTS, STREAM_MODEL_NAME
 from reaper import reap_leftovers, stub_model_folders
 
 LOGGER = logging.getLogger("server")
+
+
+class TritonFlags(Protocol):
+    """The flags Triton starts with (server.ServerConfig has them)."""
+
+    bind_address: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    access_token: str | None
+    model_instances: int
+    max_batch_size: int
+    verbose: bool
 
 def ensure_libpython_on_path() -> None:
     """Puts this interpreter's libpython first on LD_LIBRARY_PATH for Triton's Python backend stub.
@@ -261,7 +273,7 @@ class _PollingClock:
         time.sleep(min(seconds, PYTRITON_POLL_S))
 
 
-def start_triton(args: argparse.Namespace, infer: Any, stream: Any) -> Any:
+def start_triton(args: TritonFlags, infer: Any, stream: Any) -> Any:
     """Starts Triton with the models `OPT` and `OPT_stream` bound, trying again when a model fails to load.
 
     PyTriton 0.7's model instances race for a 1-second handshake with the first instance's stub;
