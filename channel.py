@@ -89,6 +89,8 @@ def _sampling_from_words(words: np.ndarray) -> Sampling:
 
 def decode_plan(message: bytes) -> Any | None:
     """The inverse of `encode_plan`; a message that does not follow the format is a GroupError."""
+    if len(message) % 4:
+        raise GroupError(f"channel message of {len(message)} bytes is not made of 32-bit words (truncated?)")
     words = np.frombuffer(message, dtype="<i4")
     if len(words) < HEADER_WORDS or words[0] != WIRE_FORMAT or words[1] not in (KIND_STOP, KIND_STEP):
         raise GroupError(f"malformed channel message (header {words[:HEADER_WORDS].tolist()}); "

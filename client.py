@@ -73,7 +73,8 @@ def triton_url(server_url: str) -> tuple[str, str]:
     if parsed.scheme not in ("http", "grpc"):
         raise SystemExit(f"--server-url scheme must be http or grpc, got {parsed.scheme!r}")
     port = parsed.port or (8000 if parsed.scheme == "http" else 8001)
-    return parsed.scheme, f"{parsed.hostname}:{port}"
+    host = f"[{parsed.hostname}]" if ":" in (parsed.hostname or "") else parsed.hostname  # IPv6 keeps its brackets
+    return parsed.scheme, f"{host}:{port}"
 
 
 def triton_module(protocol: str) -> Any:

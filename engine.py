@@ -123,16 +123,23 @@ class InFlight:
     deadline: float | None = None  # time.monotonic() after which the request fails with DeadlineExceeded
     first_token_at: float | None = None
     finished: bool = False
+    # add (the engine's thread) and fail (any thread: an abort, a drain's end) change the sequence under this
+    # lock, so that no token reaches `on_token` after the future is done (a stream's end).
+    _lock: threading.RLock = dataclasses.field(default_factory=threading.RLock, repr=False)
 
     def add(self, token: int, now: float, metrics: Metrics) -> None:
         """One generated token; EOS (unless ignored) or the output length ends the sequence."""
+        with self._lock:
+            self._add(token, now, metrics)
+
+    def _add(self, token: int, now: float, metrics: Metrics) -> None:
         if self.finished:
             return
         if self.first_token_at is None:
             self.first_token_at = now
             metrics.first_token(now - self.submitted)
         if token == self.eos_id and not self.request.sampling.ignore_eos:
-            self.finish(now, metrics)
+            self.finish(now, metrics, eos=True)
             return
         self.tokens.append(token)
         metrics.tokens(1)
@@ -145,23 +152,26 @@ class InFlight:
         if len(self.tokens) >= self.request.max_new_tokens:
             self.finish(now, metrics)
 
-    def finish(self, now: float, metrics: Metrics) -> None:
-        self.finished = True
-        n = len(self.tokens)
-        per_token = (now - self.first_token_at) / (n - 1) if self.first_token_at is not None and n > 1 else None
-        metrics.finished(n, per_token, "ok")
-        if not self.future.done():
-            self.future.set_result(list(self.tokens))
+    def finish(self, now: float, metrics: Metrics, *, eos: bool = False) -> None:
+        """The sequence's end: `now` is when its last token came (the EOS, when `eos`, which is not kept)."""
+        with self._lock:
+            self.finished = True
+            n = len(self.tokens)
+            # The gaps between the generated tokens after the first: an EOS is one of them.
+            gaps = n - 1 + int(eos)
+            per_token = (now - self.first_token_at) / gaps if self.first_token_at is not None and gaps > 0 else None
+            metrics.finished(n, per_token, "ok")
+            if not self.future.done():
+                self.future.set_result(list(self.tokens))
 
     def fail(self, error: BaseException, metrics: Metrics, outcome: str = "error") -> None:
-        if self.finished:
-            return
-        self.finished = True
-        metrics.finished(len(self.tokens), None, outcome)
-        try:
-            self.future.set_exception(error)
-        except concurrent.futures.InvalidStateError:  # answered meanwhile
-            pass
+        with self._lock:
+            if self.finished:
+                return
+            self.finished = True
+            metrics.finished(len(self.tokens), None, outcome)
+            if not self.future.done():  # asyncio.wrap_future cancels it when its awaiting task is cancelled
+                self.future.set_exception(error)
 
 
 @dataclasses.dataclass

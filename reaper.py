@@ -4,16 +4,20 @@ Run as `python reaper.py <server pid>` by `start_reaper`; it imports nothing of 
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 import psutil
+
+LOGGER = logging.getLogger("server")
 
 STUB_GRACE_S = 5.0  # how long the reaper lets Triton stop by itself after this process is killed
 REAPER_TAG = "OPT_SERVER_PID"  # put in this process's environment: Triton and its stubs inherit it
@@ -28,6 +32,13 @@ def start_reaper() -> subprocess.Popen:
     """
     os.environ[REAPER_TAG] = str(os.getpid())
     return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(os.getpid())], stdin=subprocess.DEVNULL)
+
+
+def stop_reaper(reaper: subprocess.Popen) -> None:
+    """Ends the watcher: the server is stopping by itself, Triton already stopped."""
+    reaper.kill()
+    reaper.wait()
+    LOGGER.info("stub reaper stopped")
 
 
 def reap_when_gone() -> None:
@@ -66,11 +77,13 @@ def _existing_process(pid: int) -> psutil.Process | None:
 
 
 def stub_model_folders(processes: Sequence[psutil.Process]) -> set[Path]:
-    """The /tmp/folder* model copies Triton made for its Python stubs, read off their command lines."""
+    """The folder* model copies Triton made for its Python stubs (in the temporary folder: $TMPDIR, else
+    /tmp), read off their command lines."""
+    prefix = os.path.join(tempfile.gettempdir(), "folder")
     folders: set[Path] = set()
     for process in processes:
         try:
-            folders.update(Path(arg).parent.parent for arg in process.cmdline() if arg.startswith("/tmp/folder"))
+            folders.update(Path(arg).parent.parent for arg in process.cmdline() if arg.startswith(prefix))
         except psutil.Error:
             continue
     return folders

@@ -33,7 +33,7 @@ from channel import INTERRUPTED, GroupError
 from group import HEARTBEAT_INTERVAL_S, Group, exit_now, join_group, leave_group
 from metrics import PrometheusMetrics
 from protocol import MODEL_NAME, STREAM_MODEL_NAME
-from reaper import start_reaper
+from reaper import start_reaper, stop_reaper
 from triton_models import (RequestParser, ensure_libpython_on_path, make_infer_fn, make_stream_fn, start_triton,
                            stop_triton)
 
@@ -261,15 +261,19 @@ def serve(config: ServerConfig, runner: Any, model_config: Any, life: Lifecycle,
     cancels = cancellation.CancelListener()  # before Triton starts: its stubs inherit the socket's path
     try:
         begin = time.perf_counter()
-        triton = start_triton(config, make_infer_fn(scheduler, parser, cancels),
-                              make_stream_fn(scheduler, parser, cancels))
-        log_ready(config, started, begin)
-        problem = wait_for_stop(triton, scheduler, life.stop, group)
+        try:
+            triton = start_triton(config, make_infer_fn(scheduler, parser, cancels),
+                                  make_stream_fn(scheduler, parser, cancels))
+        except Exception as error:  # after its retries: the engine, the group and the reaper still wind down
+            triton, problem = None, f"Triton did not start: {str(error).splitlines()[0]}"
+        else:
+            log_ready(config, started, begin)
+            problem = wait_for_stop(triton, scheduler, life.stop, group)
         wind_down(config, engine_thread, group, problem)
-        reaper.kill()
-        reaper.wait()
-        stop_triton(triton)
-    finally:
+        if triton is not None:
+            stop_triton(triton, spare=[reaper.pid])
+    finally:  # the reaper last: until Triton has stopped, a kill -9 of this process still has it
+        stop_reaper(reaper)
         cancels.close()
     LOGGER.info("stopped")
     return 1 if problem else 0

@@ -193,8 +193,9 @@ def make_infer_fn(scheduler: Any, parser: RequestParser, cancels: Any):
             unwatch = cancel_when_gone(cancels, request, scheduler, sequences)
             try:
                 tokens = await asyncio.gather(*(asyncio.wrap_future(s.future) for s in sequences))
-            finally:
+            finally:  # cancelled (Triton stopping, the client gone): nobody reads the rows, so they end
                 unwatch()
+                free_unfinished(scheduler, sequences, "cancelled: the request's call was cancelled")
             responses.append(bytes_output([row.prompt + parser.tokenizer.decode(t) for row, t in zip(rows, tokens)]))
         return responses
 
@@ -233,10 +234,20 @@ def make_stream_fn(scheduler: Any, parser: RequestParser, cancels: Any):
                     yield [bytes_output([piece])]
             sequence.future.result()  # raises the engine's error, if any
             yield [bytes_output([text.finish()])]
-        finally:
+        finally:  # also when the generator is closed or its coroutine cancelled: the row is nobody's
             unwatch()
+            free_unfinished(scheduler, [sequence], "cancelled: the stream was closed")
 
     return stream
+
+
+def free_unfinished(scheduler: Any, sequences: Sequence[Any], why: str) -> None:
+    """Ends the rows nobody waits for any more, freeing their decode slots before the next step."""
+    import engine
+
+    for sequence in sequences:
+        if not sequence.finished:  # its future may be done already: cancelled with the task that awaited it
+            scheduler.cancel(sequence, engine.Cancelled(why))
 
 
 def call_soon_if_open(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *args: Any) -> None:
@@ -273,6 +284,52 @@ class _PollingClock:
         time.sleep(min(seconds, PYTRITON_POLL_S))
 
 
+def bracket_ipv6_endpoints() -> None:
+    """Makes PyTriton's URLs of its own server (its readiness checks, its clients) valid for IPv6 addresses.
+
+    PyTriton 0.7 writes f"http://{address}:{port}" from the address Triton was given, so `--bind-address ::`
+    gave `http://:::8000` (or `http://ipv6:::8000`) and the start failed with "Invalid url"; its TritonUrl then drops the brackets that urlparse took off, and
+    tritonclient reads "::1:8000" as host ":" and port ":1:8000". An IPv6 address gets its brackets in
+    both places, and "::" (every interface) is reached at ::1, as 0.0.0.0 is at 127.0.0.1.
+    """
+    from pytriton.client.utils import TritonUrl
+    from pytriton.utils import endpoint_utils
+
+    original = endpoint_utils.get_endpoint
+    if getattr(original, "brackets_ipv6", False):
+        return
+
+    def get_endpoint(server_config: Any, endpoint: Any) -> str:
+        scheme, rest = original(server_config, endpoint).split("://", 1)
+        host, port = rest.rsplit(":", 1)
+        if ":" in host:  # "ipv6:<address>" (HTTP, metrics) or "[<address>]" (gRPC): see triton_addresses
+            host = host.removeprefix("ipv6:").strip("[]")
+            host = "[::1]" if host.strip(":0") == "" else f"[{host}]"
+        return f"{scheme}://{host}:{port}"
+
+    def host_and_port(url: Any) -> str:
+        host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+        return f"{host}:{url.port}"
+
+    get_endpoint.brackets_ipv6 = True  # type: ignore[attr-defined]
+    endpoint_utils.get_endpoint = get_endpoint
+    TritonUrl.without_scheme = property(host_and_port)
+    TritonUrl.with_scheme = property(lambda url: f"{url.scheme}://{host_and_port(url)}")
+
+
+def triton_addresses(address: str) -> tuple[str, str]:
+    """(HTTP and metrics, gRPC) forms of the bind address, as Triton 2.51 reads them.
+
+    An IPv4 address or a host name goes to both bare. For an IPv6 address the HTTP services (libevhtp)
+    need the prefix "ipv6:" (bare "::" bound 255.255.255.255), and the gRPC service its brackets (Triton
+    joins address and port with ":" as a gRPC target: ":::8001" could not be bound).
+    """
+    if ":" not in address:
+        return address, address
+    bare = address.strip("[]")
+    return f"ipv6:{bare}", f"[{bare}]"
+
+
 def start_triton(args: TritonFlags, infer: Any, stream: Any) -> Any:
     """Starts Triton with the models `OPT` and `OPT_stream` bound, trying again when a model fails to load.
 
@@ -284,11 +341,13 @@ def start_triton(args: TritonFlags, infer: Any, stream: Any) -> Any:
     from pytriton.triton import TRITON_ACCESS_HEADER, Triton, TritonConfig, TritonSecurityConfig
 
     pytriton.client.utils.time = _PollingClock  # its only uses of `time` are these waits (PyTriton 0.7)
+    bracket_ipv6_endpoints()
 
+    http_address, grpc_address = triton_addresses(args.bind_address)
     triton_config = TritonConfig(
-        http_address=args.bind_address, http_port=args.http_port,
-        grpc_address=args.bind_address, grpc_port=args.grpc_port,
-        metrics_address=args.bind_address, metrics_port=args.metrics_port,
+        http_address=http_address, http_port=args.http_port,
+        grpc_address=grpc_address, grpc_port=args.grpc_port,
+        metrics_address=http_address, metrics_port=args.metrics_port,
         exit_timeout_secs=TRITON_EXIT_TIMEOUT_S, log_verbose=1 if args.verbose else 0,
     )
     # PyTriton's restricted endpoints stay protected; an empty token would lift the protection, so it means "random".
@@ -320,9 +379,13 @@ def start_triton(args: TritonFlags, infer: Any, stream: Any) -> Any:
     raise AssertionError("unreachable")
 
 
-def stop_triton(triton: Any) -> None:
-    """Stops Triton, then ends whatever of it outlives the stop and removes its model copies."""
-    processes = psutil.Process().children(recursive=True)
+def stop_triton(triton: Any, *, spare: Sequence[int] = ()) -> None:
+    """Stops Triton, then ends whatever of it outlives the stop and removes its model copies.
+
+    `spare`: child processes that are not Triton's (the stub reaper, which outlives this stop).
+    """
+    processes = [p for p in psutil.Process().children(recursive=True) if p.pid not in spare]
     folders = stub_model_folders(processes)
     triton.stop()
     reap_leftovers(processes, folders)
+    LOGGER.info("Triton stopped")

@@ -143,12 +143,12 @@ def wait_exit(server: ServerProcess, timeout: float) -> int:
         raise AssertionError(f"still running after {timeout} s:\n{server.log()[-3000:]}") from None
 
 
-def wait_ready(server: ServerProcess, timeout: float = 300) -> None:
+def wait_ready(server: ServerProcess, timeout: float = 300, host: str = "127.0.0.1") -> None:
     """Waits until Triton reports the model ready; fails with the log if the server dies first."""
     import tritonclient.http as httpclient
 
     deadline = time.monotonic() + timeout
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    client = httpclient.InferenceServerClient(f"{host}:{server.http_port}")
     try:
         while time.monotonic() < deadline:
             if server.process.poll() is not None:

@@ -82,28 +82,28 @@ class Answer:
     text: str | None = None
 
 
-def send_http(srv: ServerProcess, model: str, inputs: Sequence[Tensor]) -> Answer:
-    """tritonclient.http infer (binary tensors)."""
-    connection = httpclient.InferenceServerClient(f"127.0.0.1:{srv.http_port}", network_timeout=TIMEOUT_S)
+def unary_answer(connection: Any, infer: Callable[[], Any]) -> Answer:
+    """The answer of one unary infer on `connection`, which it closes: the text, or Triton's status and error."""
     try:
-        result = connection.infer(model, client.triton_tensors(httpclient, inputs))
+        result = infer()
     except InferenceServerException as error:
         return Answer(str(error.status()), error.message())
     finally:
         connection.close()
     return Answer("ok", text=result.as_numpy("output").reshape(-1)[0].decode("utf-8"))
+
+
+def send_http(srv: ServerProcess, model: str, inputs: Sequence[Tensor]) -> Answer:
+    """tritonclient.http infer (binary tensors)."""
+    connection = httpclient.InferenceServerClient(f"127.0.0.1:{srv.http_port}", network_timeout=TIMEOUT_S)
+    return unary_answer(connection, lambda: connection.infer(model, client.triton_tensors(httpclient, inputs)))
 
 
 def send_grpc(srv: ServerProcess, model: str, inputs: Sequence[Tensor]) -> Answer:
     """tritonclient.grpc infer (unary ModelInfer)."""
     connection = grpcclient.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}")
-    try:
-        result = connection.infer(model, client.triton_tensors(grpcclient, inputs), client_timeout=TIMEOUT_S)
-    except InferenceServerException as error:
-        return Answer(str(error.status()), error.message())
-    finally:
-        connection.close()
-    return Answer("ok", text=result.as_numpy("output").reshape(-1)[0].decode("utf-8"))
+    return unary_answer(connection, lambda: connection.infer(
+        model, client.triton_tensors(grpcclient, inputs), client_timeout=TIMEOUT_S))
 
 
 def send_grpc_stream(srv: ServerProcess, model: str, inputs: Sequence[Tensor]) -> Answer:

@@ -9,7 +9,6 @@ text alone and a status after its class, over every transport.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import http.client
 import importlib
@@ -573,32 +572,34 @@ def grpc_stream(served: Served, kind: str) -> tuple[list[Any], list[Any]]:
     return results, errors
 
 
+def failing_infer_error(triton: Any, address: str, kind: str) -> Any:
+    """The InferenceServerException that `triton` (tritonclient.http or .grpc) raises for a `failing` infer."""
+    from tritonclient.utils import InferenceServerException
+
+    connection = triton.InferenceServerClient(address)
+    try:
+        with pytest.raises(InferenceServerException) as raised:
+            connection.infer("failing", [kind_input(triton, kind)])
+    finally:
+        connection.close()
+    return raised.value
+
+
 @pytest.mark.parametrize("failure", FAILURES, ids=[failure.kind for failure in FAILURES])
 def test_a_failing_non_decoupled_callable_answers_with_its_exceptions_text_and_status(served: Served,
                                                                                       failure: Failure):
     import tritonclient.grpc as grpc
     import tritonclient.http as http
-    from tritonclient.utils import InferenceServerException
 
-    connection = http.InferenceServerClient(f"127.0.0.1:{served.http_port}")
-    try:
-        with pytest.raises(InferenceServerException) as raised:
-            connection.infer("failing", [kind_input(http, failure.kind)])
-    finally:
-        connection.close()
-    assert (raised.value.status(), raised.value.message()) == (str(failure.http), failure.message)
+    raised = failing_infer_error(http, f"127.0.0.1:{served.http_port}", failure.kind)
+    assert (raised.status(), raised.message()) == (str(failure.http), failure.message)
 
     status, raw = post(served, "/v2/models/failing/infer", {"inputs": [
         {"name": "kind", "datatype": "BYTES", "shape": [1, 1], "data": [failure.kind]}]})
     assert (status, json.loads(raw)) == (failure.http, {"error": failure.message})
 
-    connection = grpc.InferenceServerClient(f"127.0.0.1:{served.grpc_port}")
-    try:
-        with pytest.raises(InferenceServerException) as raised:
-            connection.infer("failing", [kind_input(grpc, failure.kind)])
-    finally:
-        connection.close()
-    assert (raised.value.status(), raised.value.message()) == (failure.grpc, failure.message)
+    raised = failing_infer_error(grpc, f"127.0.0.1:{served.grpc_port}", failure.kind)
+    assert (raised.status(), raised.message()) == (failure.grpc, failure.message)
 
 
 @pytest.mark.parametrize("failure", FAILURES, ids=[failure.kind for failure in FAILURES])

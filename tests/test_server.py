@@ -95,7 +95,10 @@ def test_sigterm_stops_the_server_cleanly_leaving_no_process(tmp_path: Path, cac
         assert infer(srv.http_url, ["Before stopping"], [2])[0].startswith("Before stopping")
         assert srv.stop(signal.SIGTERM, timeout=60) == 0
         assert srv.group() == [], f"left behind: {[p.cmdline() for p in srv.group()]}"
-        assert "stopped" in srv.log()
+        log = srv.log()
+        assert "stopped" in log
+        # The stub reaper outlives Triton's stop: a kill -9 during that stop still has it to end the stubs.
+        assert log.index("Triton stopped") < log.index("stub reaper stopped"), log
     finally:
         srv.kill_group()
 
@@ -113,3 +116,35 @@ def test_sigterm_while_compiling_stops_the_server_at_once(tmp_path: Path):
         assert srv.group() == []
     finally:
         srv.kill_group()
+
+
+def test_ipv6_serves_on_bind_address_any_and_the_client_reaches_it_at_its_brackets(tmp_path: Path, cache_dir: Path):
+    """--bind-address :: once died at start with PyTriton's "Invalid url http://:::<port>"; client.py
+    --server-url http://[::1]:8000 connected to "::1:8000"."""
+    srv = start_server(tmp_path, cache_dir, "--bind-address", "::")
+    try:
+        wait_ready(srv, host="[::1]")
+        for url in (f"http://[::1]:{srv.http_port}", f"grpc://[::1]:{srv.grpc_port}"):
+            for stream in ([], ["--stream"]):
+                result = run_client("--server-url", url, "--input", "Over IPv6", "--output-length", "3", *stream)
+                assert result.returncode == 0, result.stderr
+                assert "Over IPv6" in result.stdout
+        assert srv.stop(signal.SIGTERM, timeout=60) == 0
+    finally:
+        srv.kill_group()
+
+
+def test_a_triton_that_cannot_start_winds_everything_down(tmp_path: Path, cache_dir: Path):
+    """Its HTTP port taken: Triton fails its three starts; the server says so and exits 1, its engine,
+    reaper and stubs gone with it (the reaper used to outlive it, and a group's workers to wait)."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        srv = start_server(tmp_path, cache_dir, "--http-port", str(taken.getsockname()[1]))
+        try:
+            assert srv.process.wait(timeout=420) == 1
+            assert srv.group() == [], f"left behind: {[p.cmdline() for p in srv.group()]}"
+            log = srv.log()
+            assert "stopping: Triton did not start" in log and "stub reaper stopped" in log, log[-3000:]
+        finally:
+            srv.kill_group()
