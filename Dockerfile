@@ -66,11 +66,12 @@ ENV HOME=/home/opt
 
 COPY server.py client.py opt_utils.py modeling_flax_opt.py protocol.py plan.py engine.py channel.py group.py \
      triton_models.py metrics.py reaper.py sharding.py weights.py slots.py runner.py program_cache.py \
-     cancellation.py stub_model.py /opt/app/
+     cancellation.py stub_model.py openai_api.py /opt/app/
 COPY benchmarks/ /opt/app/benchmarks/
 COPY kubernetes/ /opt/app/kubernetes/
-# Triton's HTTP, gRPC and metrics ports; rank 0 also serves the JAX coordinator at the port of --head-url.
-EXPOSE 8000 8001 8002
+# Triton's HTTP, gRPC and metrics ports, the generation metrics and the OpenAI-compatible API; rank 0 also
+# serves the JAX coordinator at the port of --head-url.
+EXPOSE 8000 8001 8002 8003 9000
 # Numeric, so that Kubernetes' runAsNonRoot can tell that it is not root without reading the image's /etc/passwd.
 USER 1000:1000
 CMD ["python", "server.py", "--help"]

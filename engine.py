@@ -213,10 +213,12 @@ class Scheduler:
         return self.submit_all([request], on_token, timeouts=[timeout])[0]
 
     def submit_all(self, requests: Sequence[Request], on_token: Callable[[int], None] | None = None, *,
-                   timeouts: Sequence[float | None] | None = None) -> list[InFlight]:
+                   timeouts: Sequence[float | None] | None = None,
+                   listeners: Sequence[Callable[[int], None] | None] | None = None) -> list[InFlight]:
         """Queues the rows of one client request together: all of them, or none (an error says why).
 
         `timeouts`: per row, seconds from now after which it fails with DeadlineExceeded (None: never).
+        `listeners`: per row, its own `on_token` (a stream of several rows), in place of the shared one.
         """
         if self.failure is not None:
             raise RuntimeError(f"the generation engine failed: {self.failure}")
@@ -227,8 +229,9 @@ class Scheduler:
                                  f"exceeds the model's {self.shapes.max_positions} positions")
         now = time.monotonic()
         timeouts = timeouts if timeouts is not None else [None] * len(requests)
-        sequences = [InFlight(r, on_token, self._eos_id, submitted=now, deadline=None if t is None else now + t)
-                     for r, t in zip(requests, timeouts, strict=True)]
+        listeners = listeners if listeners is not None else [on_token] * len(requests)
+        sequences = [InFlight(r, listen, self._eos_id, submitted=now, deadline=None if t is None else now + t)
+                     for r, t, listen in zip(requests, timeouts, listeners, strict=True)]
         with self._wake:
             if self._refusal is not None:
                 self._metrics.refused(len(sequences), "draining")
@@ -254,6 +257,11 @@ class Scheduler:
         """From now on every submit raises `refusal`; what was queued or running carries on (a drain)."""
         with self._wake:
             self._refusal = refusal
+
+    @property
+    def accepting(self) -> bool:
+        """Whether a submit would be taken now (no drain, no failure): what readiness reports."""
+        return self._refusal is None and self.failure is None
 
     @property
     def in_flight(self) -> int:

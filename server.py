@@ -61,6 +61,9 @@ class ServerConfig:
     metrics_port: int
     bind_address: str
     generation_metrics_port: int
+    openai_port: int
+    served_model_name: str | None
+    api_key: str | None
     model_instances: int
     decode_slots: int
     max_prefill_tokens: int
@@ -103,6 +106,10 @@ def _add_serving_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bind-address", default="0.0.0.0", help="address Triton's HTTP, gRPC and metrics bind to")
     parser.add_argument("--generation-metrics-port", type=int, default=8003,
                         help="port of the generation metrics (Prometheus text format, /metrics); 0: none")
+    parser.add_argument("--openai-port", type=int, default=9000,
+                        help="port of the OpenAI-compatible API (/v1/completions, /v1/models, /health); 0: none")
+    parser.add_argument("--served-model-name", default=None,
+                        help="a second name the OpenAI API serves the model under (besides --model-name)")
     parser.add_argument("--model-instances", type=int, default=1,
                         help="Triton model instances (Python stub processes) of `OPT`; each hands any number of "
                              "requests to the engine at once, so one is enough (PyTriton's 1 s handshake fails with "
@@ -147,6 +154,9 @@ def _add_group_flags(parser: argparse.ArgumentParser) -> None:
                              "repository, statistics, trace, logging) require in the header triton-access-token; "
                              "default: the environment variable OPT_SERVER_ACCESS_TOKEN, else a random token that is "
                              "never shown. Prefer the variable: a flag's value shows in ps")
+    parser.add_argument("--api-key", default=os.environ.get("OPT_SERVER_API_KEY") or None,
+                        help="key the OpenAI API requires as Authorization: Bearer <key> (default: the environment "
+                             "variable OPT_SERVER_API_KEY; none: open)")
     parser.add_argument("--verbose", action="store_true", help="debug logging, Triton's included")
 
 
@@ -242,6 +252,7 @@ def serve(config: ServerConfig, runner: Any, model_config: Any, life: Lifecycle,
     `started`: time.perf_counter() at the process's start, for the start-up's summary.
     """
     import cancellation
+    import openai_api
 
     if group:
         group.wait_until_ready()  # Triton reports ready only once every rank can run a step
@@ -259,6 +270,7 @@ def serve(config: ServerConfig, runner: Any, model_config: Any, life: Lifecycle,
     reaper = start_reaper()
     cancellation.install_stub_model()
     cancels = cancellation.CancelListener()  # before Triton starts: its stubs inherit the socket's path
+    openai = None
     try:
         begin = time.perf_counter()
         try:
@@ -268,8 +280,11 @@ def serve(config: ServerConfig, runner: Any, model_config: Any, life: Lifecycle,
             triton, problem = None, f"Triton did not start: {str(error).splitlines()[0]}"
         else:
             log_ready(config, started, begin)
+            openai = openai_api.start(config, scheduler, parser, model_config.max_position_embeddings)
             problem = wait_for_stop(triton, scheduler, life.stop, group)
         wind_down(config, engine_thread, group, problem)
+        if openai is not None:
+            openai.stop()
         if triton is not None:
             stop_triton(triton, spare=[reaper.pid])
     finally:  # the reaper last: until Triton has stopped, a kill -9 of this process still has it

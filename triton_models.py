@@ -95,27 +95,33 @@ class RequestParser:
             raise BadRequest(f"row {i}: input is not valid UTF-8 ({error})") from None
         if not prompt:
             raise BadRequest(f"row {i}: input is empty")
+        return self.row(f"row {i}", prompt, length, given)
+
+    def row(self, where: str, prompt: str, length: int, given: dict[str, Any], *,
+            tokens: Sequence[int] | None = None, length_name: str = "output_length") -> Row:
+        """One checked row: `prompt` tokenized (or its `tokens` as given), its length and settings checked.
+        `where` and `length_name` name the row and its length in an error (the OpenAI API calls it max_tokens)."""
         if length < 1:
-            raise BadRequest(f"row {i}: output_length must be at least 1, got {length}")
-        tokens = tuple(self.tokenizer.encode(prompt))
+            raise BadRequest(f"{where}: {length_name} must be at least 1, got {length}")
+        tokens = tuple(self.tokenizer.encode(prompt)) if tokens is None else tuple(tokens)
         if len(tokens) + length > self.max_positions:
-            raise BadRequest(f"row {i}: prompt of {len(tokens)} tokens plus output_length {length} exceeds "
+            raise BadRequest(f"{where}: prompt of {len(tokens)} tokens plus {length_name} {length} exceeds "
                              f"the model's {self.max_positions} positions")
-        return Row(prompt, Request(tokens, length, self._sampling(i, given)), self._timeout(given))
+        return Row(prompt, Request(tokens, length, self._sampling(where, given)), self._timeout(given))
 
     def _timeout(self, given: dict[str, Any]) -> float | None:
         """The row's deadline in seconds: its timeout_seconds (checked with the other inputs), at most the flag's."""
         limits = [float(v) for v in (given.get("timeout_seconds"), self.max_timeout) if v is not None]
         return min(limits) if limits else None
 
-    def _sampling(self, i: int, given: dict[str, Any]) -> Sampling:
+    def _sampling(self, where: str, given: dict[str, Any]) -> Sampling:
         """The row's sampling inputs, each checked against the table and its default filled in."""
         values = {}
         for option in OPTIONAL_INPUTS:
             value = given.get(option.name, option.default)
             problem = option.problem(value, vocab_size=self.vocab_size) if value is not None else None
             if problem:
-                raise BadRequest(f"row {i}: {option.name} {value} {problem}")
+                raise BadRequest(f"{where}: {option.name} {value} {problem}")
             if option.sampling:
                 values[option.name] = None if value is None else np.asarray(value, option.dtype).item()
         if values["seed"] is None:  # unseeded sampling differs every time; rank 0 draws for every rank

@@ -50,6 +50,11 @@ class ServerProcess:
     metrics_port: int
     log_path: Path
     generation_metrics_port: int = 0
+    openai_port: int = 0
+
+    @property
+    def openai_url(self) -> str:
+        return f"http://127.0.0.1:{self.openai_port}/v1"
 
     @property
     def http_url(self) -> str:
@@ -93,18 +98,19 @@ class ServerProcess:
 
 
 def start_server(tmp: Path, cache_dir: Path, *extra: str, model: str = "random/tiny", name: str = "server") -> ServerProcess:
-    http, grpc, metrics, generation_metrics = free_ports(4)
+    http, grpc, metrics, generation_metrics, openai = free_ports(5)
     log_path = tmp / f"{name}-{http}.log"
     command = [
         sys.executable, str(ROOT / "server.py"), "--model-name", model, "--cache-dir", str(cache_dir),
         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-        "--generation-metrics-port", str(generation_metrics), "--bind-address", "127.0.0.1", "--exit-timeout", "3", *extra,
+        "--generation-metrics-port", str(generation_metrics), "--openai-port", str(openai),
+        "--bind-address", "127.0.0.1", "--exit-timeout", "3", *extra,
     ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
-    return ServerProcess(process, http, grpc, metrics, log_path, generation_metrics)
+    return ServerProcess(process, http, grpc, metrics, log_path, generation_metrics, openai)
 
 
 @contextlib.contextmanager
@@ -188,6 +194,17 @@ def infer(url: str, prompts: Sequence[bytes | str], lengths: Sequence[int], time
         result = client.infer(MODEL_NAME, inputs)
     client.close()
     return [row[0].decode("utf-8") for row in result.as_numpy("output")]
+
+
+def openai_texts(server: ServerProcess, prompts: Sequence[str], lengths: Sequence[int], api_key: str = "none",
+                 **settings: Any) -> list[str]:
+    """The prompt + completion of each prompt over the OpenAI API (the `openai` package), one request each."""
+    import openai
+
+    api = openai.OpenAI(base_url=server.openai_url, api_key=api_key, max_retries=0, timeout=120)
+    model = api.models.list().data[0].id
+    return [prompt + api.completions.create(model=model, prompt=prompt, max_tokens=length, **settings).choices[0].text
+            for prompt, length in zip(prompts, lengths)]
 
 
 def run_client(*args: str) -> subprocess.CompletedProcess:

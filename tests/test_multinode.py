@@ -19,8 +19,8 @@ import tritonclient.http as httpclient
 import client
 import channel
 from plan import Admission, Plan, PrefillGroup, Request, Sampling
-from serving import (MIXED_LENGTHS, MIXED_PROMPTS, ServerProcess, infer, run_client, running_server, start_group,
-                     wait_exit, wait_ready)
+from serving import (MIXED_LENGTHS, MIXED_PROMPTS, ServerProcess, infer, openai_texts, run_client, running_server,
+                     start_group, wait_exit, wait_ready)
 
 # float32 so that 1, 2, 4 and 6 devices sum the split matmuls to the same greedy tokens.
 SERVER_ARGS = ("--max-batch-size", "8", "--model-instances", "2", "--decode-slots", "4", "--dtype", "float32",
@@ -77,11 +77,13 @@ SAMPLED_PROMPT, SAMPLED = "Tell me a story", client.Sampling(temperature=0.9, to
 
 
 def assert_group_serves(head: ServerProcess, reference: list[str]) -> None:
-    """The mixed batch (HTTP, gRPC, client.py), a seeded sampled row and a stream: the single process's text."""
+    """The mixed batch (HTTP, gRPC, the OpenAI API, client.py), a seeded sampled row and a stream: the single
+    process's text."""
     mixed, sampled = reference[:-1], reference[-1]
     assert infer(head.http_url, MIXED_PROMPTS, MIXED_LENGTHS) == mixed
     assert infer(head.grpc_url, MIXED_PROMPTS, MIXED_LENGTHS) == mixed
     assert infer(head.http_url, [SAMPLED_PROMPT], [12], sampling=SAMPLED)[0] == sampled
+    assert openai_texts(head, MIXED_PROMPTS, MIXED_LENGTHS) == mixed  # the OpenAI API, the same text
     streamed = "".join(client.stream_pieces(head.grpc_url, MIXED_PROMPTS[3], MIXED_LENGTHS[3], 120))
     assert MIXED_PROMPTS[3] + streamed == mixed[3]
     result = run_client("--server-url", head.http_url, "--input", MIXED_PROMPTS[0], "--output-length",

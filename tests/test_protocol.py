@@ -15,7 +15,7 @@ from protocol import OPTIONAL_INPUTS, VOCAB, Settings
 ROOT = Path(__file__).resolve().parent.parent
 # The scheduler and everything else that runs only on rank 0's host, or between the hosts.
 HOST_MODULES = ("engine", "plan", "channel", "protocol", "metrics", "reaper", "triton_models", "cancellation",
-                "client")
+                "client", "openai_api")
 
 
 def test_every_layer_takes_its_settings_from_the_table() -> None:

@@ -271,7 +271,8 @@ def listening_sockets(srv: ServerProcess) -> list[tuple[str, str, int, str]]:
 
 
 def test_every_listening_socket_is_on_the_bind_address_at_a_port_the_flags_gave(server: ServerProcess) -> None:
-    ports = {server.http_port, server.grpc_port, server.metrics_port, server.generation_metrics_port}
+    ports = {server.http_port, server.grpc_port, server.metrics_port, server.generation_metrics_port,
+             server.openai_port}
     sockets = listening_sockets(server)
     strays = [s for s in sockets if s[1] != "tcp" or s[2] not in LOOPBACK or s[3] not in ports]
     assert not strays, f"listening elsewhere than 127.0.0.1 on {sorted(ports)}: {strays}"
