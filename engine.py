@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -62,34 +62,54 @@ class ShuttingDown(RuntimeError):
     """A request still running when a drain's grace period ended."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Ended:
+    """A row's end, as the metrics hear of it."""
+
+    api: str  # the front end it came through: "triton" or "openai"
+    outcome: str  # "ok", "timeout" (past its deadline), "cancelled" (its client went away, a drain ended), "error"
+    tokens: int  # generated and kept (an EOS is not)
+    seconds: float  # from its arrival to its end
+    seconds_per_token: float | None = None  # an ok row's mean gap between its tokens after the first
+    reason: str | None = None  # an ok row's: "stop" (it met EOS) or "length" (it reached its output length)
+
+
 class Metrics(Protocol):
-    """What the scheduler reports; `PrometheusMetrics` exports it, `NO_METRICS` drops it."""
+    """What the scheduler reports, per front end (`api`); `PrometheusMetrics` exports it, `NO_METRICS` drops it."""
 
-    def first_token(self, seconds: float) -> None: ...
+    def first_token(self, api: str, seconds: float) -> None: ...
 
-    def finished(self, tokens: int, seconds_per_token: float | None, outcome: str) -> None: ...
+    def token(self, api: str, gap: float | None) -> None:
+        """One generated token kept; `gap`: seconds since the row's previous one (None for its first)."""
 
-    def tokens(self, count: int) -> None: ...
+    def finished(self, ended: Ended) -> None: ...
 
-    def load(self, waiting: int, busy_slots: int) -> None: ...
+    def admitted(self, api: str, prompt_tokens: int) -> None:
+        """A row went into a decode slot: its prompt is prefilled in this step."""
 
-    def refused(self, rows: int, reason: str) -> None: ...
+    def load(self, waiting: Mapping[str, int], running: Mapping[str, int]) -> None:
+        """Rows waiting for a slot and rows in one, per api, after every step."""
+
+    def refused(self, api: str, rows: int, reason: str) -> None: ...
 
 
 class _NoMetrics:
-    def first_token(self, seconds: float) -> None:
+    def first_token(self, api: str, seconds: float) -> None:
         pass
 
-    def finished(self, tokens: int, seconds_per_token: float | None, outcome: str) -> None:
+    def token(self, api: str, gap: float | None) -> None:
         pass
 
-    def tokens(self, count: int) -> None:
+    def finished(self, ended: Ended) -> None:
         pass
 
-    def load(self, waiting: int, busy_slots: int) -> None:
+    def admitted(self, api: str, prompt_tokens: int) -> None:
         pass
 
-    def refused(self, rows: int, reason: str) -> None:
+    def load(self, waiting: Mapping[str, int], running: Mapping[str, int]) -> None:
+        pass
+
+    def refused(self, api: str, rows: int, reason: str) -> None:
         pass
 
 
@@ -122,6 +142,8 @@ class InFlight:
     submitted: float = dataclasses.field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() after which the request fails with DeadlineExceeded
     first_token_at: float | None = None
+    last_token_at: float | None = None
+    api: str = "triton"  # the front end it came through, for the metrics
     finished: bool = False
     # add (the engine's thread) and fail (any thread: an abort, a drain's end) change the sequence under this
     # lock, so that no token reaches `on_token` after the future is done (a stream's end).
@@ -137,12 +159,13 @@ class InFlight:
             return
         if self.first_token_at is None:
             self.first_token_at = now
-            metrics.first_token(now - self.submitted)
+            metrics.first_token(self.api, now - self.submitted)
         if token == self.eos_id and not self.request.sampling.ignore_eos:
             self.finish(now, metrics, eos=True)
             return
         self.tokens.append(token)
-        metrics.tokens(1)
+        metrics.token(self.api, None if self.last_token_at is None else now - self.last_token_at)
+        self.last_token_at = now
         if self.on_token is not None:
             try:
                 self.on_token(token)
@@ -152,15 +175,21 @@ class InFlight:
         if len(self.tokens) >= self.request.max_new_tokens:
             self.finish(now, metrics)
 
-    def finish(self, now: float, metrics: Metrics, *, eos: bool = False) -> None:
-        """The sequence's end: `now` is when its last token came (the EOS, when `eos`, which is not kept)."""
+    def finish(self, now: float, metrics: Metrics, *, eos: bool = False, reason: str | None = None) -> None:
+        """The sequence's end: `now` is when its last token came (the EOS, when `eos`, which is not kept).
+
+        `reason`: why it ended, for the metrics; by default "stop" for an EOS and "length" otherwise.
+        """
         with self._lock:
+            if self.finished:
+                return
             self.finished = True
             n = len(self.tokens)
             # The gaps between the generated tokens after the first: an EOS is one of them.
             gaps = n - 1 + int(eos)
             per_token = (now - self.first_token_at) / gaps if self.first_token_at is not None and gaps > 0 else None
-            metrics.finished(n, per_token, "ok")
+            metrics.finished(Ended(self.api, "ok", n, now - self.submitted, per_token,
+                                   reason or ("stop" if eos else "length")))
             if not self.future.done():
                 self.future.set_result(list(self.tokens))
 
@@ -169,7 +198,7 @@ class InFlight:
             if self.finished:
                 return
             self.finished = True
-            metrics.finished(len(self.tokens), None, outcome)
+            metrics.finished(Ended(self.api, outcome, len(self.tokens), time.monotonic() - self.submitted))
             if not self.future.done():  # asyncio.wrap_future cancels it when its awaiting task is cancelled
                 self.future.set_exception(error)
 
@@ -197,7 +226,8 @@ class Scheduler:
         self._metrics = metrics
         self._max_waiting = max_waiting  # rows; None: unbounded
         self._waiting: collections.deque[InFlight] = collections.deque()
-        self._cancelled: list[tuple[InFlight, BaseException]] = []  # asked for by other threads, done before a step
+        # Asked for by other threads, done before a step: the error a row fails with, or None to end it as it is.
+        self._cancelled: list[tuple[InFlight, BaseException | None]] = []
         self._refusal: Refused | None = None  # set by stop_accepting
         self._wake = threading.Condition()
         self._slots: list[InFlight | None] = [None] * self.shapes.slots
@@ -214,11 +244,13 @@ class Scheduler:
 
     def submit_all(self, requests: Sequence[Request], on_token: Callable[[int], None] | None = None, *,
                    timeouts: Sequence[float | None] | None = None,
-                   listeners: Sequence[Callable[[int], None] | None] | None = None) -> list[InFlight]:
+                   listeners: Sequence[Callable[[int], None] | None] | None = None,
+                   api: str = "triton") -> list[InFlight]:
         """Queues the rows of one client request together: all of them, or none (an error says why).
 
         `timeouts`: per row, seconds from now after which it fails with DeadlineExceeded (None: never).
         `listeners`: per row, its own `on_token` (a stream of several rows), in place of the shared one.
+        `api`: the front end the rows came through ("triton", "openai"), which the metrics are labelled by.
         """
         if self.failure is not None:
             raise RuntimeError(f"the generation engine failed: {self.failure}")
@@ -230,17 +262,17 @@ class Scheduler:
         now = time.monotonic()
         timeouts = timeouts if timeouts is not None else [None] * len(requests)
         listeners = listeners if listeners is not None else [on_token] * len(requests)
-        sequences = [InFlight(r, listen, self._eos_id, submitted=now, deadline=None if t is None else now + t)
+        sequences = [InFlight(r, listen, self._eos_id, submitted=now, deadline=None if t is None else now + t, api=api)
                      for r, t, listen in zip(requests, timeouts, listeners, strict=True)]
         with self._wake:
             if self._refusal is not None:
-                self._metrics.refused(len(sequences), "draining")
+                self._metrics.refused(api, len(sequences), "draining")
                 raise self._refusal
             # Rows submitted since the last step wait for slots that may be free: only those beyond count.
             free = sum(s is None for s in self._slots)
             queued = max(0, len(self._waiting) - free)
             if self._max_waiting is not None and len(self._waiting) + len(sequences) - free > self._max_waiting:
-                self._metrics.refused(len(sequences), "overloaded")
+                self._metrics.refused(api, len(sequences), "overloaded")
                 raise Overloaded(f"overloaded: {queued} rows already wait for a decode slot and the queue holds "
                                  f"{self._max_waiting} (--max-queue-size); retry later")
             self._waiting.extend(sequences)
@@ -251,6 +283,13 @@ class Scheduler:
         """Ends a request from any thread: it fails with `error` and its slot is freed before the next step."""
         with self._wake:
             self._cancelled.append((sequence, error))
+            self._wake.notify()
+
+    def end_early(self, sequence: InFlight) -> None:
+        """Ends a request from any thread as finished with the tokens it has (its front end met a stop string):
+        its future gets them, the metrics count it as ended on "stop", and its slot is freed before the next step."""
+        with self._wake:
+            self._cancelled.append((sequence, None))
             self._wake.notify()
 
     def stop_accepting(self, refusal: Refused) -> None:
@@ -325,8 +364,13 @@ class Scheduler:
         previous, self._pending = self._pending, pending
         if previous is not None:
             self._collect(previous)
-        self._metrics.load(len(self._waiting), sum(s is not None for s in self._slots))
+        self._report_load()
         return plan is not None or previous is not None
+
+    def _report_load(self) -> None:
+        with self._wake:  # other threads extend the queue
+            waiting = collections.Counter(s.api for s in self._waiting)
+        self._metrics.load(waiting, collections.Counter(s.api for s in self._slots if s is not None))
 
     # -- planning ----------------------------------------------------------------------------------
     def _plan(self) -> Plan | None:
@@ -356,7 +400,8 @@ class Scheduler:
                     moves=bool(old))  # with no earlier row live, no column is read again: nothing to move
 
     def _retire(self, now: float) -> None:
-        """Fails the cancelled requests and those past their deadline; frees their queue places and slots.
+        """Fails the cancelled requests and those past their deadline, finishes those ended early; frees their
+        queue places and slots.
 
         A freed slot's row keeps running on the devices until a new admission overwrites it; its tokens
         are read and ignored (the sequence is finished), as for a row that ended by itself.
@@ -372,8 +417,10 @@ class Scheduler:
                 if sequence in self._waiting:
                     self._waiting.remove(sequence)
         for sequence, error in ending:
-            outcome = "timeout" if isinstance(error, DeadlineExceeded) else "cancelled"
-            sequence.fail(error, self._metrics, outcome)
+            if error is None:
+                sequence.finish(sequence.last_token_at or now, self._metrics, reason="stop")
+            else:
+                sequence.fail(error, self._metrics, "timeout" if isinstance(error, DeadlineExceeded) else "cancelled")
             for slot, occupant in enumerate(self._slots):
                 if occupant is sequence:
                     self._slots[slot] = None
@@ -401,6 +448,8 @@ class Scheduler:
                 slot = free.pop(0)
                 admitted[slot] = self._slots[slot] = sequence
                 self._waiting.remove(sequence)
+        for sequence in admitted.values():
+            self._metrics.admitted(sequence.api, len(sequence.request.tokens))
         return admitted
 
     def _groups(self, admitted: dict[int, InFlight]) -> tuple[PrefillGroup, ...]:

@@ -216,7 +216,7 @@ class Generation:
         listeners = [lambda t, q=q: loop.call_soon_threadsafe(q.put_nowait, t) for q in self._tokens]
         try:
             self.sequences = scheduler.submit_all([r.request for r in completion.rows], timeouts=[
-                r.timeout for r in completion.rows], listeners=listeners)
+                r.timeout for r in completion.rows], listeners=listeners, api="openai")
         except engine.Refused as error:
             raise engine_error(error) from None
         for sequence, queue in zip(self.sequences, self._tokens):
@@ -234,7 +234,7 @@ class Generation:
             if piece := text.add(decoder.push(token)):
                 yield piece
         if text.stopped:  # the rest of its tokens are nobody's: free the slot now
-            self.scheduler.cancel(self.sequences[i], engine.Cancelled("stopped at a stop string"))
+            self.scheduler.end_early(self.sequences[i])
             return
         error = self.sequences[i].future.exception()
         if error is not None:

@@ -380,13 +380,32 @@ def test_a_cancelled_request_fails_at_once_and_its_slot_serves_the_next_request(
     assert late.future.result() == naive(MIXED[3])
 
 
+def test_a_row_ended_early_keeps_its_tokens_counts_as_stopped_and_frees_its_slot(runner: SlotRunner, naive) -> None:
+    ends: list[engine_module.Ended] = []
+
+    class Ends(engine_module._NoMetrics):
+        def finished(self, ended: engine_module.Ended) -> None:
+            ends.append(ended)
+
+    engine, _ = scheduler(runner, metrics=Ends())
+    stopped = engine.submit(Request(prompt(700, 5), 45))  # its front end met a stop string after a few tokens
+    for _ in range(4):
+        engine.step()
+    engine.end_early(stopped)
+    engine.step()
+    assert stopped.future.done() and not any(s is stopped for s in engine._slots)
+    kept = stopped.future.result()
+    assert 0 < len(kept) < 45 and kept == naive(stopped.request)[:len(kept)]
+    assert [(e.outcome, e.reason, e.tokens, e.api) for e in ends] == [("ok", "stop", len(kept), "triton")]
+
+
 def test_a_full_queue_refuses_a_request_at_once_and_takes_it_again_once_there_is_room(runner: SlotRunner) -> None:
     from engine import Overloaded
 
     refusals: list[tuple[int, str]] = []
 
     class Refusals(engine_module._NoMetrics):
-        def refused(self, rows: int, reason: str) -> None:
+        def refused(self, api: str, rows: int, reason: str) -> None:
             refusals.append((rows, reason))
 
     engine, _ = scheduler(runner, max_waiting=3, metrics=Refusals())

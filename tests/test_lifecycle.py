@@ -14,6 +14,7 @@ import tempfile
 import threading
 import types
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import psutil
@@ -31,25 +32,28 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Recorded:
-    """engine.Metrics that keeps what it is told; `on_tokens` runs inside `tokens` (a race's window)."""
+    """engine.Metrics that keeps what it is told; `on_tokens` runs inside `token` (a race's window)."""
 
     def __init__(self) -> None:
         self.finished_calls: list[tuple[int, float | None, str]] = []
         self.on_tokens = lambda: None
 
-    def first_token(self, seconds: float) -> None:
+    def first_token(self, api: str, seconds: float) -> None:
         pass
 
-    def finished(self, tokens: int, seconds_per_token: float | None, outcome: str) -> None:
-        self.finished_calls.append((tokens, seconds_per_token, outcome))
+    def finished(self, ended: engine.Ended) -> None:
+        self.finished_calls.append((ended.tokens, ended.seconds_per_token, ended.outcome))
 
-    def tokens(self, count: int) -> None:
+    def token(self, api: str, gap: float | None) -> None:
         self.on_tokens()
 
-    def load(self, waiting: int, busy_slots: int) -> None:
+    def admitted(self, api: str, prompt_tokens: int) -> None:
         pass
 
-    def refused(self, rows: int, reason: str) -> None:
+    def load(self, waiting: Mapping[str, int], running: Mapping[str, int]) -> None:
+        pass
+
+    def refused(self, api: str, rows: int, reason: str) -> None:
         pass
 
 

@@ -19,8 +19,8 @@ import openai
 import pytest
 
 import client
-from serving import (MIXED_LENGTHS, MIXED_PROMPTS, ServerProcess, infer, openai_texts, running_server, start_server,
-                     wait_metric, wait_ready)
+from serving import (MIXED_LENGTHS, MIXED_PROMPTS, ServerProcess, infer, metric, openai_texts, running_server,
+                     start_server, wait_metric, wait_ready)
 
 API_KEY = "test-key-0123456789"
 SERVED_NAME = "opt-tiny"
@@ -100,14 +100,18 @@ def test_curl_sees_server_sent_events_ending_with_done(server: ServerProcess):
     assert json.loads(frames[-3][len("data: "):])["choices"][0]["finish_reason"] == "length"
 
 
-def test_the_text_ends_before_the_first_stop_string(api: openai.OpenAI):
+def test_the_text_ends_before_the_first_stop_string(api: openai.OpenAI, server: ServerProcess):
     prompt = MIXED_PROMPTS[0]
     whole = api.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=20).choices[0].text
     stop = whole[len(whole) // 2:len(whole) // 2 + 3]
     assert stop.strip(), whole
     cut = whole[:whole.find(stop)]
-    stopped = api.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=20, stop=[stop, "never seen"])
+    stops = 'opt_request_success_total{api="openai",finished_reason="stop"}'
+    before = metric(server, stops, 0.0)
+    # Greedy: a longer row has the same start. Its 400 tokens outlast the stop's way back to the engine.
+    stopped = api.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=400, stop=[stop, "never seen"])
     assert (stopped.choices[0].text, stopped.choices[0].finish_reason) == (cut, "stop")
+    wait_metric(server, stops, before + 1, 10, "a row ended on its stop string counts as ended whole, on stop")
     streamed = api.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=20, stop=stop, stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == cut
 
@@ -221,3 +225,20 @@ def test_openai_requests_beside_triton_requests_keep_their_text(server: ServerPr
     for thread in threads:
         thread.join(timeout=120)
     assert results == {"openai": expected, "triton": expected}
+
+
+def test_the_vllm_style_metrics_count_each_front_end_on_its_own(server: ServerProcess, api: openai.OpenAI):
+    """Each row's prompt and generated tokens, its end and its latencies land under its own `api` label."""
+    wait_metric(server, "opt_busy_slots", 0, 60, "an earlier test left a row running")
+    names = [f'{family}{{api="{api_name}"{extra}}}' for api_name in ("openai", "triton") for family, extra in [
+        ("opt_prompt_tokens_total", ""), ("opt_generation_tokens_total", ""),
+        ("opt_request_success_total", ',finished_reason="length"'), ("opt_e2e_request_latency_seconds_count", ""),
+        ("opt_inter_token_latency_seconds_count", "")]]
+    before = {name: metric(server, name, 0.0) for name in names}
+    api.completions.create(model=SERVED_NAME, prompt=[2, 31414, 232], max_tokens=5, extra_body={"ignore_eos": True})
+    infer(server.http_url, ["Hello"], [7], sampling=client.Sampling(ignore_eos=True))  # BOS + "Hello": 2 tokens
+    added = [metric(server, name) - before[name] for name in names]
+    assert added == [3, 5, 1, 1, 4, 2, 7, 1, 1, 6]  # prompt, generated, ended on length, latencies, gaps
+    for gauge in ('opt_num_requests_running{api="openai"}', 'opt_num_requests_waiting{api="triton"}',
+                  "opt_kv_cache_usage_perc"):
+        assert metric(server, gauge) == 0, gauge
