@@ -60,10 +60,12 @@ def engine_error(error: BaseException) -> ApiError:
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
-    """One checked /v1/completions request: its rows (one per prompt) and how to answer."""
+    """One checked /v1/completions request: its rows (`n` per prompt, prompt-major: choice k is row k) and
+    how to answer."""
 
     model: str
     rows: tuple[Row, ...]
+    n: int  # choices per prompt
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
@@ -129,9 +131,6 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
 
 def _unsupported(body: dict[str, Any]) -> None:
     """What we cannot give honestly is refused, never ignored."""
-    n = _typed(body, "n", (int,), 1)
-    if n != 1:
-        raise ApiError(400, f"n must be 1 (one choice per prompt), got {n}", param="n")
     if body.get("logprobs") is not None:
         raise ApiError(400, "logprobs are not supported: the engine returns token ids only", param="logprobs")
     if _typed(body, "best_of", (int,), 1) != 1:
@@ -156,17 +155,31 @@ def parse_completion(body: Any, parser: RequestParser, names: Sequence[str], max
     options = _typed(body, "stream_options", (dict,), {})
     given = _settings(body)
     prompts = _prompts(body, parser.vocab_size)
-    if len(prompts) > max_batch_size:
-        raise ApiError(400, f"{len(prompts)} prompts exceed --max-batch-size {max_batch_size}", param="prompt")
+    n = _typed(body, "n", (int,), 1)
+    if n < 1:
+        raise ApiError(400, f"n must be at least 1, got {n}", param="n")
+    if len(prompts) * n > max_batch_size:
+        raise ApiError(400, f"{len(prompts)} prompts of {n} choices each exceed --max-batch-size {max_batch_size}",
+                       param="n" if n > 1 else "prompt")
     rows = []
     for i, prompt in enumerate(prompts):
         text, tokens = (prompt, None) if isinstance(prompt, str) else (parser.tokenizer.decode(prompt), prompt)
-        try:
-            rows.append(parser.row(f"prompt {i}", text, max_tokens, given, tokens=tokens, length_name="max_tokens"))
-        except BadRequest as error:
-            raise ApiError(400, str(error), param=_named_param(str(error))) from None
-    return Completion(model, tuple(rows), _stop(body), stream, bool(options.get("include_usage")),
+        for choice in _choice_settings(given, n):
+            try:
+                rows.append(parser.row(f"prompt {i}", text, max_tokens, choice, tokens=tokens,
+                                       length_name="max_tokens"))
+            except BadRequest as error:
+                raise ApiError(400, str(error), param=_named_param(str(error))) from None
+    return Completion(model, tuple(rows), n, _stop(body), stream, bool(options.get("include_usage")),
                       _typed(body, "echo", (bool,), False))
+
+
+def _choice_settings(given: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """The settings of a prompt's n choices: a given seed s is s, s + 1, ... so that seeded choices differ
+    from each other yet repeat from one request to the next (unseeded ones each draw their own)."""
+    if "seed" not in given:
+        return [given] * n
+    return [given | {"seed": (given["seed"] + j) % 2**63} for j in range(n)]
 
 
 def _named_param(message: str) -> str:
@@ -248,7 +261,8 @@ class Generation:
             else "stop"
 
     def usage(self) -> dict[str, int]:
-        prompt = sum(len(r.request.tokens) for r in self.completion.rows)
+        # A prompt counts once, whatever its number of choices (as OpenAI counts it).
+        prompt = sum(len(r.request.tokens) for r in self.completion.rows[::self.completion.n])
         completion = sum(t.tokens for t in self.texts)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

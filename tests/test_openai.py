@@ -128,9 +128,30 @@ def test_a_seed_gives_the_triton_models_sampled_text(api: openai.OpenAI, server:
     assert "Tell me a story" + other != triton
 
 
+def test_n_choices_per_prompt_take_seeds_s_s_plus_1_and_count_their_prompt_once(api: openai.OpenAI,
+                                                                                server: ServerProcess):
+    prompts, settings = ["Tell me a story", "Once"], dict(temperature=0.9, top_p=0.95)
+    result = api.completions.create(model=SERVED_NAME, prompt=prompts, max_tokens=6, n=3, seed=40, **settings)
+    choices = sorted(result.choices, key=lambda c: c.index)
+    assert [c.index for c in choices] == list(range(6))  # prompt-major: choice 3 * p + j
+    for p, prompt in enumerate(prompts):
+        expected = [infer(server.http_url, [prompt], [6], sampling=client.Sampling(seed=40 + j, **settings))[0]
+                    for j in range(3)]
+        assert [prompt + c.text for c in choices[3 * p:3 * p + 3]] == expected
+        assert len(set(expected)) > 1, expected  # the seeds differ, so the choices do
+    prompt_tokens = api.completions.create(model=SERVED_NAME, prompt=prompts, max_tokens=1).usage.prompt_tokens
+    assert result.usage.prompt_tokens == prompt_tokens  # not three times over
+    streamed: dict[int, str] = {}
+    for chunk in api.completions.create(model=SERVED_NAME, prompt=prompts, max_tokens=6, n=3, seed=40, stream=True,
+                                        **settings):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert [streamed[i] for i in range(6)] == [c.text for c in choices]
+
+
 @pytest.mark.parametrize("kwargs, param", [
     (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(max_tokens=0), "max_tokens"),
-    (dict(n=2), "n"), (dict(logprobs=2), "logprobs"), (dict(extra_body={"top_k": -1}), "top_k"),
+    (dict(n=0), "n"), (dict(prompt=["a", "b"], n=BATCH // 2 + 1), "n"), (dict(logprobs=2), "logprobs"), (dict(extra_body={"top_k": -1}), "top_k"),
     (dict(stop=[""]), "stop"), (dict(extra_body={"seed": "x"}), "seed"),
     (dict(prompt="word " * 3000), "prompt"), (dict(prompt=[[5], [99999999]]), "prompt"),
     (dict(prompt=["a"] * (BATCH + 1)), "prompt"),
