@@ -4,9 +4,12 @@ The real `helm` lints and renders each chart with its defaults and with the valu
 several release names (the longest Helm allows included); `kubernetes-validate --strict` checks every rendered object
 against the Kubernetes API schemas; the tests then read the rendered objects for what the charts promise (GPUs,
 one pod per node, rank 0 behind the Service, the cache claim, the probes, the image's non-root user, a grace period
-that outlasts the server's drain, the token from a Secret). kubernetes/multi-node/entrypoint.sh runs
-under `sh` in its dry-run mode for several pods and groups, and its probe mode against a health file and a stub of
-Triton's health endpoints. helm and kubernetes-validate come from `./install.sh --test` (the venv's bin folder).
+that outlasts the server's drain, the token from a Secret; the OpenAI-compatible API's and the generation metrics'
+ports, flags and API key, Prometheus' annotations and the ServiceMonitor, whose fields are checked here because
+kubernetes-validate has no schema for it). kubernetes/multi-node/entrypoint.sh runs under `sh` in its dry-run mode
+for several pods and groups, and its probe mode against a health file and a stub of Triton's health endpoints. The
+test chart's openai_completion.py runs against a stub of the OpenAI API, alone and as the Job's rendered command.
+helm and kubernetes-validate come from `./install.sh --test` (the venv's bin folder).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -44,6 +48,14 @@ README_VALUES = {
     "multi-node": (f"statefulset.image={IMAGE}", "statefulset.persistentVolumeClaim=llm-cache-pvc",
                    "statefulset.numOfNodes=3", "statefulset.numOfGPUs=1"),
     "test": (f"image={IMAGE}",),
+}
+# Every new option at once: the OpenAI API's key and second name, the ServiceMonitor; the test chart's key and model.
+OPTION_VALUES = {
+    "single-node": ("openai.servedModelName=opt", "openai.apiKeySecret.name=opt-api-key",
+                    "metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.labels.release=prometheus"),
+    "multi-node": ("openai.servedModelName=opt", "openai.apiKeySecret.name=opt-api-key",
+                   "metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.scrapeTimeout=10s"),
+    "test": ("openaiModel=opt", "openaiApiKeySecret.name=opt-api-key"),
 }
 LONG_RELEASE = ("my-long-release-name-opt-" + "x" * 53)[:53]  # Helm refuses release names over 53 characters
 RELEASES = ("jax-example", "x", LONG_RELEASE)
@@ -99,6 +111,14 @@ def flag(args: Sequence[str], name: str) -> str:
     return args[positions[0] + 1]
 
 
+def client_words(args: Sequence[str]) -> list[str]:
+    """The test chart's client command line: its args, less the `sh -c SCRIPT sh` that runs the completion after."""
+    if list(args[:2]) == ["sh", "-c"]:
+        assert args[3] == "sh", args
+        return list(args[4:])
+    return list(args)
+
+
 def validate(paths: Sequence[Path]) -> None:
     """kubernetes-validate --strict over the files: every object must be known and valid (unknown kinds only warn)."""
     result = subprocess.run([tool("kubernetes-validate"), "--strict", "-k", KUBERNETES_VERSION, *map(str, paths)],
@@ -114,11 +134,11 @@ def validate(paths: Sequence[Path]) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values", ["defaults", "readme"])
+@pytest.mark.parametrize("values", ["defaults", "readme", "options"])
 @pytest.mark.parametrize("chart", CHARTS)
 def test_chart_passes_helm_lint_strict(chart: str, values: str) -> None:
-    result = helm("lint", "--strict", str(KUBERNETES / chart),
-                  *set_flags(README_VALUES[chart] if values == "readme" else ()))
+    chosen = {"defaults": (), "readme": README_VALUES[chart], "options": README_VALUES[chart] + OPTION_VALUES[chart]}
+    result = helm("lint", "--strict", str(KUBERNETES / chart), *set_flags(chosen[values]))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 chart(s) failed" in result.stdout, result.stdout
 
@@ -201,6 +221,28 @@ def test_every_value_is_documented_where_declared_and_in_the_schema(chart: str) 
     ("single-node", "deployment.accessToken.secretName[0]=x", "deployment.accessToken.secretName: Invalid type"),
     ("multi-node", "statefulset.accessToken.secret=x", "secret is not allowed"),
     ("test", "podSecurityContext.runAsNonRoot=yes", "podSecurityContext.runAsNonRoot: Invalid type"),
+    ("single-node", "service.ports.openai=api", "service.ports.openai: Invalid type. Expected: integer"),
+    ("multi-node", "service.ports.generationMetrics=70000", "service.ports.generationMetrics: Must be less than"),
+    ("single-node", "service.ports.genMetrics=8003", "genMetrics is not allowed"),
+    ("single-node", "openai.enabled=yes", "openai.enabled: Invalid type. Expected: boolean"),
+    ("multi-node", "openai.enabled=1", "openai.enabled: Invalid type. Expected: boolean"),
+    ("single-node", "openai.servedModelName=1", "openai.servedModelName: Invalid type. Expected: string"),
+    ("multi-node", "openai.servedModelName[0]=opt", "openai.servedModelName: Invalid type"),
+    ("single-node", "openai.apiKeySecret.name[0]=x", "openai.apiKeySecret.name: Invalid type"),
+    ("multi-node", "openai.apiKeySecret.key=", "openai.apiKeySecret.key: String length must be greater than"),
+    ("single-node", "openai.apiKeySecret.value=sk-123", "value is not allowed"),  # a key is never a plain value
+    ("multi-node", "openai.apiKey=sk-123", "apiKey is not allowed"),
+    ("single-node", "metrics.scrapeAnnotations=on", "metrics.scrapeAnnotations: Invalid type. Expected: boolean"),
+    ("multi-node", "metrics.serviceMonitor.enabled=1", "metrics.serviceMonitor.enabled: Invalid type"),
+    ("single-node", "metrics.serviceMonitor.interval=30", "metrics.serviceMonitor.interval: Invalid type"),
+    ("multi-node", "metrics.serviceMonitor.interval=half-a-minute", "metrics.serviceMonitor.interval: Does not match"),
+    ("single-node", "metrics.serviceMonitor.scrapeTimeout=10", "metrics.serviceMonitor.scrapeTimeout"),
+    ("multi-node", "metrics.serviceMonitor.labels.release=1", "metrics.serviceMonitor.labels.release: Invalid type"),
+    ("test", "openaiUrl=jax-example-service:9000", "openaiUrl: Does not match pattern"),
+    ("test", "openaiUrl=grpc://jax-example-service:8001", "openaiUrl: Does not match pattern"),
+    ("test", "openaiModel=1", "openaiModel: Invalid type. Expected: string"),
+    ("test", "openaiApiKeySecret.name[0]=x", "openaiApiKeySecret.name: Invalid type"),
+    ("test", "openaiApiKeySecret.value=sk-123", "value is not allowed"),
 ])
 def test_schema_rejects_a_wrong_value_before_anything_renders(chart: str, value: str, complaint: str) -> None:
     result = helm("template", "jax-example", str(KUBERNETES / chart), "--set", value)
@@ -217,7 +259,7 @@ def test_schema_rejects_a_wrong_value_before_anything_renders(chart: str, value:
 def test_single_node_pod_gets_the_gpus_model_and_ports_of_its_values() -> None:
     documents = render("single-node", values=("deployment.numOfGPUs=4", "deployment.modelId=facebook/opt-6.7b",
                                               "deployment.maxBatchSize=32", "deployment.resources.limits.memory=64Gi",
-                                              "service.ports.http=9000"))
+                                              "service.ports.http=9100"))
     container = server_container(documents, "Deployment")
     assert container["resources"]["limits"] == {"nvidia.com/gpu": 4, "memory": "64Gi"}
     args = container["args"]
@@ -225,8 +267,9 @@ def test_single_node_pod_gets_the_gpus_model_and_ports_of_its_values() -> None:
     assert flag(args, "--number-of-gpus") == "4"
     assert flag(args, "--model-name") == "facebook/opt-6.7b"
     assert flag(args, "--max-batch-size") == "32"
-    assert flag(args, "--http-port") == "9000"
-    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 9000, "grpc": 8001, "metrics": 8002}
+    assert flag(args, "--http-port") == "9100"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "http": 9100, "grpc": 8001, "metrics": 8002, "gen-metrics": 8003, "openai": 9000}
 
 
 def test_single_node_readme_values_give_one_gpu_and_the_image() -> None:
@@ -251,7 +294,8 @@ def test_single_node_service_exposes_tritons_ports_of_the_server_pods_only() -> 
     documents = render("single-node", values=("service.ports.grpc=9001",))
     service = find(documents, "Service")
     assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
-        "http": (8000, "http"), "grpc": (9001, "grpc"), "metrics": (8002, "metrics")}
+        "http": (8000, "http"), "grpc": (9001, "grpc"), "metrics": (8002, "metrics"),
+        "gen-metrics": (8003, "gen-metrics"), "openai": (9000, "openai")}
     pod_labels = find(documents, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     for pod in hook_pods(documents):  # the helm test pod must not receive the Service's requests
@@ -309,7 +353,8 @@ def test_multi_node_service_reaches_rank_0_only(release: str) -> None:
     assert selector["statefulset.kubernetes.io/pod-name"] == f"{name}-0"
     assert selector.items() - {("statefulset.kubernetes.io/pod-name", f"{name}-0")} <= \
         statefulset["spec"]["template"]["metadata"]["labels"].items()
-    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
+        "http": 8000, "grpc": 8001, "metrics": 8002, "gen-metrics": 8003, "openai": 9000}
 
 
 @pytest.mark.parametrize("release", RELEASES)
@@ -369,12 +414,12 @@ def test_test_chart_job_runs_the_client_against_the_service_url() -> None:
     job = find(documents, "Job", "jax-example-test")
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "img:1"
-    args = container["args"]
+    args = client_words(container["args"])
     assert args[:2] == ["python3", "client.py"]
     assert (flag(args, "--server-url"), flag(args, "--input"), flag(args, "--output-length")) == \
         ("grpc://opt:8001", "Hello, world", "5")
     (hook,) = hook_pods(documents)
-    assert hook["spec"]["containers"][0]["args"] == args
+    assert hook["spec"]["containers"][0]["args"] == container["args"]
 
 
 @pytest.mark.parametrize("chart", ["single-node", "multi-node"])
@@ -517,6 +562,456 @@ def test_rendered_objects_with_a_token_secret_a_drain_and_changed_contexts_are_v
     path = tmp_path / "rendered.yaml"
     path.write_text(render_text(chart, "jax-example", values))
     validate([path])
+
+# ------------------------------------------------------------------------------------------------------------------
+# The OpenAI-compatible API, the generation metrics and how Prometheus finds them
+# ------------------------------------------------------------------------------------------------------------------
+
+API_KEY_VARIABLE = "OPT_SERVER_API_KEY"  # what server.py reads its --api-key from (openai_api.API_KEY_ENV)
+SERVICE_MONITOR = ("monitoring.coreos.com/v1", "ServiceMonitor")
+
+
+def container_ports(container: dict[str, Any]) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in container["ports"]}
+
+
+def service_ports(service: dict[str, Any]) -> dict[str, tuple[int, str]]:
+    return {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]}
+
+
+def server_args(container: dict[str, Any]) -> list[str]:
+    """server.py's command line in the container (the multi-node chart runs it through `entrypoint.sh serve`)."""
+    args = container["args"]
+    return args[3:] if args[0] == "sh" and args[1].endswith("/entrypoint.sh") else args
+
+
+@pytest.mark.parametrize("chart", SERVER_CHARTS)
+def test_server_charts_serve_the_openai_api_and_the_generation_metrics_on_their_ports(chart: str) -> None:
+    _, kind = SERVER_CHARTS[chart]
+    for values, openai, generation in (((), 9000, 8003),
+                                       (("service.ports.openai=9100", "service.ports.generationMetrics=9103"), 9100,
+                                        9103)):
+        documents = render(chart, values=README_VALUES[chart] + values)
+        container = server_container(documents, kind)
+        args = server_args(container)
+        assert (flag(args, "--openai-port"), flag(args, "--generation-metrics-port")) == (str(openai), str(generation))
+        assert "--served-model-name" not in args  # only --model-name unless openai.servedModelName is set
+        ports = container_ports(container)
+        assert (ports["openai"], ports["gen-metrics"]) == (openai, generation)
+        service = service_ports(find(documents, "Service", "jax-example-service"))
+        assert (service["openai"], service["gen-metrics"]) == ((openai, "openai"), (generation, "gen-metrics"))
+
+
+@pytest.mark.parametrize("chart", SERVER_CHARTS)
+def test_disabled_openai_api_passes_port_0_and_leaves_the_port_off(chart: str) -> None:
+    _, kind = SERVER_CHARTS[chart]
+    documents = render(chart, values=README_VALUES[chart] + ("openai.enabled=false", "openai.servedModelName=opt",
+                                                             "openai.apiKeySecret.name=opt-api-key",
+                                                             "service.ports.openai=8000"))  # unused: no clash
+    container = server_container(documents, kind)
+    args = server_args(container)
+    assert flag(args, "--openai-port") == "0"  # server.py's "none"; its default would serve on 9000
+    assert flag(args, "--generation-metrics-port") == "8003"
+    assert "--served-model-name" not in args
+    assert API_KEY_VARIABLE not in [e["name"] for e in container["env"]]
+    assert "openai" not in container_ports(container)
+    assert set(service_ports(find(documents, "Service", "jax-example-service"))) == {
+        "http", "grpc", "metrics", "gen-metrics"}
+
+
+@pytest.mark.parametrize("chart", SERVER_CHARTS)
+def test_served_model_name_becomes_the_servers_flag(chart: str) -> None:
+    _, kind = SERVER_CHARTS[chart]
+    args = server_args(server_container(render(chart, values=("openai.servedModelName=opt",)), kind))
+    assert flag(args, "--served-model-name") == "opt"
+    assert flag(args, "--model-name") == "facebook/opt-1.3b"
+
+
+@pytest.mark.parametrize("chart", SERVER_CHARTS)
+def test_every_flag_the_server_charts_render_is_one_server_py_knows(chart: str) -> None:
+    _, kind = SERVER_CHARTS[chart]
+    usage = subprocess.run([sys.executable, str(ROOT / "server.py"), "--help"], capture_output=True, text=True,
+                           timeout=60, cwd=ROOT)
+    assert usage.returncode == 0, usage.stderr
+    known = set(re.findall(r"(--[a-z][-a-z0-9]*)", usage.stdout))
+    args = server_args(server_container(render(chart, values=("openai.servedModelName=opt",)), kind))
+    rendered = {arg for arg in args if arg.startswith("--")}
+    assert {"--openai-port", "--generation-metrics-port", "--served-model-name"} <= rendered
+    assert rendered <= known, sorted(rendered - known)
+
+
+@pytest.mark.parametrize("chart", SERVER_CHARTS)
+def test_api_key_comes_from_the_named_secret_into_the_servers_environment(chart: str) -> None:
+    _, kind = SERVER_CHARTS[chart]
+    default = server_container(render(chart, values=README_VALUES[chart]), kind)
+    assert API_KEY_VARIABLE not in [e["name"] for e in default["env"]]  # no key: the API is open
+    documents = render(chart, values=README_VALUES[chart] + ("openai.apiKeySecret.name=opt-api-key",
+                                                             "openai.apiKeySecret.key=key"))
+    container = server_container(documents, kind)
+    (variable,) = [e for e in container["env"] if e["name"] == API_KEY_VARIABLE]
+    assert variable == {"name": API_KEY_VARIABLE, "valueFrom": {"secretKeyRef": {"name": "opt-api-key", "key": "key"}}}
+    assert "--api-key" not in container["args"]  # a flag's value would show in ps and in the pod spec
+
+
+@pytest.mark.parametrize("extra", ["--openai-port", "--generation-metrics-port=9", "--served-model-name",
+                                   "--api-key", "--api-key=secret"])
+@pytest.mark.parametrize("chart", SERVER_CHARTS)
+def test_extra_args_may_not_carry_a_flag_the_chart_sets_from_values(chart: str, extra: str) -> None:
+    key, _ = SERVER_CHARTS[chart]
+    result = helm("template", "jax-example", str(KUBERNETES / chart), "--set", f"{key}.extraArgs={{{extra},x}}")
+    assert result.returncode != 0, result.stdout
+    name = extra.split("=")[0]
+    assert f"{key}.extraArgs sets {name}: " in result.stderr, result.stderr
+    assert "secret" not in result.stderr.replace("Secret", "")  # the refusal does not repeat a key it was given
+
+
+@pytest.mark.parametrize(("chart", "values"), [
+    ("single-node", ("service.ports.openai=8000",)),
+    ("single-node", ("service.ports.generationMetrics=8002",)),
+    ("multi-node", ("service.ports.openai=8001",)),
+    ("multi-node", ("jaxPort=8003",)),
+])
+def test_chart_refuses_two_listeners_on_one_port(chart: str, values: tuple[str, ...]) -> None:
+    result = helm("template", "jax-example", str(KUBERNETES / chart), *set_flags(values))
+    assert result.returncode != 0, result.stdout
+    assert "one port number to two listeners" in result.stderr, result.stderr
+
+
+def test_single_node_pods_carry_prometheus_scrape_annotations_for_the_generation_metrics() -> None:
+    def annotations(values: tuple[str, ...]) -> dict[str, str]:
+        return find(render("single-node", values=values), "Deployment")["spec"]["template"]["metadata"].get(
+            "annotations", {})
+
+    assert annotations(()) == {"prometheus.io/scrape": "true", "prometheus.io/port": "8003",
+                               "prometheus.io/path": "/metrics"}
+    assert annotations(("service.ports.generationMetrics=9103",))["prometheus.io/port"] == "9103"
+    assert annotations(("metrics.scrapeAnnotations=false",)) == {}
+    mine = annotations(("deployment.podAnnotations.prometheus\\.io/path=/other", "deployment.podAnnotations.team=ml"))
+    assert (mine["prometheus.io/path"], mine["team"], mine["prometheus.io/port"]) == ("/other", "ml", "8003")
+    # Triton's own metrics are on the Service too, for a job of their own or the ServiceMonitor.
+    assert service_ports(find(render("single-node"), "Service"))["metrics"] == (8002, "metrics")
+
+
+def test_multi_node_scrape_annotations_are_on_rank_0s_service_not_on_the_pods() -> None:
+    documents = render("multi-node", values=README_VALUES["multi-node"])
+    service = find(documents, "Service", "jax-example-service")
+    assert service["metadata"]["annotations"] == {"prometheus.io/scrape": "true", "prometheus.io/port": "8003",
+                                                  "prometheus.io/path": "/metrics"}
+    # Every pod has the same template and the workers serve no metrics: annotated pods would scrape as down.
+    pod_annotations = find(documents, "StatefulSet")["spec"]["template"]["metadata"]["annotations"]
+    assert not [name for name in pod_annotations if name.startswith("prometheus.io/")]
+    headless = find(documents, "Service", "jax-example-multi-node-headless")
+    assert "annotations" not in headless["metadata"]
+    off = find(render("multi-node", values=("metrics.scrapeAnnotations=false",)), "Service", "jax-example-service")
+    assert "annotations" not in off["metadata"]
+
+
+@pytest.mark.parametrize("chart", SERVER_CHARTS)
+def test_service_monitor_scrapes_both_metrics_ports_of_the_charts_service(chart: str, tmp_path: Path) -> None:
+    assert not [d for d in render(chart) if d["kind"] == "ServiceMonitor"]  # off by default: it needs the CRDs
+    values = README_VALUES[chart] + ("metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.interval=15s",
+                                     "metrics.serviceMonitor.scrapeTimeout=10s",
+                                     "metrics.serviceMonitor.labels.release=prometheus",
+                                     "openai.apiKeySecret.name=opt-api-key", "openai.servedModelName=opt")
+    documents = render(chart, values=values)
+    monitor = find(documents, "ServiceMonitor")
+    # kubernetes-validate has no schema for the Prometheus Operator's CRD: its fields are checked here.
+    assert (monitor["apiVersion"], monitor["kind"]) == SERVICE_MONITOR
+    assert DNS_LABEL.fullmatch(monitor["metadata"]["name"])
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["llm"]}
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    services = [d for d in documents if d["kind"] == "Service"]
+    selected = [s for s in services if selector.items() <= s["metadata"]["labels"].items()]
+    assert [s["metadata"]["name"] for s in selected] == ["jax-example-service"]  # not the headless one
+    ports = service_ports(selected[0])
+    assert monitor["spec"]["endpoints"] == [
+        {"port": name, "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}
+        for name in ("metrics", "gen-metrics")]
+    assert {"metrics", "gen-metrics"} <= set(ports)
+    assert set(monitor["spec"]) == {"namespaceSelector", "selector", "endpoints"}
+    path = tmp_path / "rendered.yaml"
+    path.write_text(yaml.safe_dump_all([d for d in documents if d["kind"] != "ServiceMonitor"]))
+    validate([path])  # every other object, the API key's env and the new ports included
+
+
+def test_service_monitor_leaves_the_scrape_timeout_to_prometheus_unless_set() -> None:
+    monitor = find(render("single-node", values=("metrics.serviceMonitor.enabled=true",)), "ServiceMonitor")
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"},
+                                            {"port": "gen-metrics", "path": "/metrics", "interval": "30s"}]
+
+
+@pytest.mark.parametrize("chart", SERVER_CHARTS)
+def test_probes_stay_tritons_with_the_openai_api_enabled(chart: str) -> None:
+    _, kind = SERVER_CHARTS[chart]
+    enabled = server_container(render(chart, values=("openai.enabled=true",)), kind)
+    disabled = server_container(render(chart, values=("openai.enabled=false",)), kind)
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert enabled[probe] == disabled[probe], probe
+
+
+def render_notes(chart: str, values: tuple[str, ...], tmp_path: Path) -> str:
+    """NOTES.txt as `helm install` prints it: `helm template` renders a copy of the chart in which it is a
+    ConfigMap's value (helm template leaves NOTES.txt out, and helm install --dry-run wants a cluster)."""
+    copy = tmp_path / chart
+    shutil.copytree(KUBERNETES / chart, copy)
+    notes = copy / "templates" / "NOTES.txt"
+    (copy / "templates" / "_notes.tpl").write_text('{{- define "notes" -}}\n' + notes.read_text() + "\n{{- end }}\n")
+    notes.unlink()
+    (copy / "templates" / "notes.yaml").write_text(
+        'apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n  notes: {{ include "notes" . | quote }}\n')
+    result = helm("template", "jax-example", str(copy), "--namespace", "llm", "--show-only", "templates/notes.yaml",
+                  *set_flags(values))
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)["data"]["notes"]
+
+
+@pytest.mark.parametrize("chart", SERVER_CHARTS)
+def test_notes_name_the_openai_base_url_its_health_and_the_metrics_ports(chart: str, tmp_path: Path) -> None:
+    notes = render_notes(chart, ("openai.servedModelName=opt",), tmp_path)
+    assert "http://jax-example-service.llm:9000/v1 " in notes
+    assert "http://jax-example-service.llm:9000/health " in notes and "/health/ready" in notes
+    for port in (8002, 8003):  # Triton's metrics, the generation metrics
+        assert f"http://jax-example-service.llm:{port}/metrics" in notes
+    (curl,) = [line for line in notes.splitlines() if "curl -s localhost:9000/v1/completions" in line]
+    body = notes.split(curl, 1)[1].splitlines()[1].strip()
+    assert body.startswith("-d '") and json.loads(body[4:-1]) == {
+        "model": "opt", "prompt": "The capital of Poland is", "max_tokens": 16}
+    assert "Authorization" not in curl  # no key, no header
+    keyed = render_notes(chart, ("openai.apiKeySecret.name=opt-api-key",), tmp_path / "keyed")
+    assert 'Authorization: Bearer $OPENAI_API_KEY' in keyed and "get secret opt-api-key" in keyed
+    assert '"model": "facebook/opt-1.3b"' in keyed
+    off = render_notes(chart, ("openai.enabled=false",), tmp_path / "off")
+    assert "openai.enabled=false" in off and "9000/v1" not in off and "9000/health" not in off
+    assert "/v1/completions -H" not in off and "--set openaiUrl= " in off
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The test chart's completion through the OpenAI-compatible API
+# ------------------------------------------------------------------------------------------------------------------
+
+COMPLETION_SCRIPT = KUBERNETES / "test" / "openai_completion.py"
+
+
+def test_test_chart_sends_a_completion_after_the_client(tmp_path: Path) -> None:
+    documents = render("test", "jax-example-test", README_VALUES["test"] + ("openaiModel=opt",))
+    spec = pod_spec(documents, "Job")
+    (container,) = spec["containers"]
+    args = container["args"]
+    # sh runs the client's words as "$@", then the script, only once the client has succeeded.
+    assert args[:2] == ["sh", "-c"] and args[2].startswith('"$@" && exec python3 ') and args[3] == "sh"
+    assert client_words(args)[:2] == ["python3", "client.py"]
+    script = args[2].split("exec python3 ", 1)[1]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "openai-completion")
+    assert script == mount["mountPath"] + "/openai_completion.py" and mount["readOnly"] is True
+    volume = next(v for v in spec["volumes"] if v["name"] == "openai-completion")
+    configmap = find(documents, "ConfigMap", volume["configMap"]["name"])
+    assert configmap["data"]["openai_completion.py"] == COMPLETION_SCRIPT.read_text()
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["OPT_OPENAI_URL"] == "http://jax-example-service:9000"
+    assert (env["OPT_OPENAI_MODEL"], env["OPT_OPENAI_PROMPT"], env["OPT_OPENAI_MAX_TOKENS"],
+            env["OPT_OPENAI_TIMEOUT"]) == ("opt", "The capital of Poland is", "16", "1800")
+    assert API_KEY_VARIABLE not in env
+    (hook,) = hook_pods(documents)  # helm test does the same
+    assert hook["spec"]["containers"][0]["args"] == args and hook["spec"]["containers"][0]["env"] == container["env"]
+    assert hook["spec"]["volumes"] == spec["volumes"]
+    path = tmp_path / "rendered.yaml"
+    path.write_text(render_text("test", "jax-example-test", README_VALUES["test"] + ("openaiModel=opt",)))
+    validate([path])
+
+
+def test_test_chart_without_an_openai_url_runs_the_client_alone() -> None:
+    documents = render("test", "jax-example-test", README_VALUES["test"] + ("openaiUrl=",))
+    spec = pod_spec(documents, "Job")
+    (container,) = spec["containers"]
+    assert container["args"][:2] == ["python3", "client.py"]  # as before the API existed
+    assert "volumes" not in spec and "volumeMounts" not in container
+    assert [e["name"] for e in container["env"]] == ["PYTHONUNBUFFERED"]
+    assert not [d for d in documents if d["kind"] == "ConfigMap"]
+
+
+def test_test_chart_sends_the_api_key_from_a_secret(tmp_path: Path) -> None:
+    values = README_VALUES["test"] + ("openaiApiKeySecret.name=opt-api-key",)
+    documents = render("test", "jax-example-test", values)
+    for pod in (pod_spec(documents, "Job"), hook_pods(documents)[0]["spec"]):
+        (container,) = pod["containers"]
+        (variable,) = [e for e in container["env"] if e["name"] == API_KEY_VARIABLE]
+        assert variable["valueFrom"] == {"secretKeyRef": {"name": "opt-api-key", "key": "api-key"}}
+        assert not [arg for arg in container["args"] if "api-key" in arg]
+    path = tmp_path / "rendered.yaml"
+    path.write_text(render_text("test", "jax-example-test", values))
+    validate([path])
+
+
+@pytest.mark.parametrize("chart", SERVER_CHARTS)
+def test_test_charts_default_openai_url_reaches_either_server_charts_api(chart: str) -> None:
+    (container,) = pod_spec(render("test", "jax-example-test", README_VALUES["test"]), "Job")["containers"]
+    url = {e["name"]: e.get("value") for e in container["env"]}["OPT_OPENAI_URL"]
+    host, port = re.fullmatch(r"http://([^:/]+):(\d+)", url).groups()
+    service = find(render(chart, "jax-example", README_VALUES[chart]), "Service", host)
+    assert service_ports(service)["openai"] == (int(port), "openai")
+
+
+class OpenAIStub(http.server.ThreadingHTTPServer):
+    """An OpenAI-compatible API whose answers the test sets: GET /v1/models, then POST /v1/completions answers
+    `completions` in turn (status, body), the last one again once they run out; it keeps every request."""
+
+    models: Any = {"object": "list", "data": [{"id": "facebook/opt-125m", "object": "model"}]}
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), OpenAIStubHandler)
+        self.completions: list[tuple[int, Any]] = [(200, completion("Warsaw."))]
+        self.requests: list[tuple[str, str, dict[str, str], Any]] = []
+
+
+def completion(text: str, finish_reason: str = "length") -> dict[str, Any]:
+    return {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "facebook/opt-125m",
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "usage": {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9}}
+
+
+class OpenAIStubHandler(http.server.BaseHTTPRequestHandler):
+    server: OpenAIStub
+
+    def answer(self, status: int, body: Any) -> None:
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 (the handler's API)
+        self.server.requests.append(("GET", self.path, dict(self.headers), None))
+        self.answer(200, self.server.models) if self.path == "/v1/models" else self.answer(404, {})
+
+    def do_POST(self) -> None:  # noqa: N802 (the handler's API)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(("POST", self.path, dict(self.headers), body))
+        completions = self.server.completions
+        self.answer(*(completions.pop(0) if len(completions) > 1 else completions[0]))
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture()
+def openai_stub() -> Iterator[OpenAIStub]:
+    server = OpenAIStub()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def run_completion(*args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {"PATH": os.environ["PATH"], **env}
+    return subprocess.run([sys.executable, str(COMPLETION_SCRIPT), *args], env=environment, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_completion_script_asks_the_first_listed_model_with_the_key_and_passes(openai_stub: OpenAIStub) -> None:
+    url = f"http://127.0.0.1:{openai_stub.server_address[1]}"
+    result = run_completion(OPT_OPENAI_URL=url, OPT_OPENAI_PROMPT="The capital of Poland is",
+                            OPT_OPENAI_MAX_TOKENS="5", OPT_SERVER_API_KEY="k3y")
+    assert result.returncode == 0, result.stderr
+    assert "'Warsaw.'" in result.stdout and "facebook/opt-125m" in result.stdout
+    (get, post) = openai_stub.requests
+    assert get[:2] == ("GET", "/v1/models")
+    assert post[:2] == ("POST", "/v1/completions")
+    assert post[3] == {"model": "facebook/opt-125m", "prompt": "The capital of Poland is", "max_tokens": 5}
+    assert get[2]["Authorization"] == post[2]["Authorization"] == "Bearer k3y"
+
+
+def test_completion_script_names_the_model_it_is_given_and_sends_no_key_without_one(openai_stub: OpenAIStub) -> None:
+    result = run_completion("--url", f"http://127.0.0.1:{openai_stub.server_address[1]}/", "--model", "opt")
+    assert result.returncode == 0, result.stderr
+    ((method, path, headers, body),) = openai_stub.requests  # no GET /v1/models
+    assert (method, path, body["model"], body["max_tokens"]) == ("POST", "/v1/completions", "opt", 16)
+    assert "Authorization" not in headers
+
+
+@pytest.mark.parametrize(("status", "answer", "complaint"), [
+    (200, {"object": "list", "data": []}, "not a text completion"),
+    (200, {**completion("x"), "choices": []}, "has no choices"),
+    (200, {**completion("x"), "choices": [{"text": None, "finish_reason": "length"}]}, "no text"),
+    (200, completion("x", finish_reason=None), "no finish_reason"),
+    (200, "<html>hello</html>", "not JSON"),
+    (404, {"error": {"message": "the model 'x' does not exist", "code": "model_not_found"}}, "HTTP 404"),
+    (401, {"error": {"message": "a valid API key is required"}}, "HTTP 401"),
+    (500, {"error": {"message": "the generation engine failed"}}, "HTTP 500"),
+], ids=["models-list", "no-choices", "text-null", "no-finish-reason", "not-json", "404", "401", "500"])
+def test_completion_script_fails_unless_a_text_completion_comes_back(openai_stub: OpenAIStub, status: int,
+                                                                      answer: Any, complaint: str) -> None:
+    openai_stub.completions = [(status, answer)]
+    started = time.monotonic()
+    result = run_completion("--url", f"http://127.0.0.1:{openai_stub.server_address[1]}", "--model", "x",
+                            "--timeout", "30")
+    assert result.returncode == 1 and complaint in result.stderr, result.stderr
+    assert time.monotonic() - started < 10  # at once: only a refused connection or a 503 is tried again
+    assert len(openai_stub.requests) == 1
+
+
+def test_completion_script_tries_a_503_again_until_a_completion_comes(openai_stub: OpenAIStub) -> None:
+    openai_stub.completions = [(503, {"error": {"message": "draining"}}), (200, completion(" Warsaw"))]
+    result = run_completion("--url", f"http://127.0.0.1:{openai_stub.server_address[1]}", "--model", "x")
+    assert result.returncode == 0, result.stderr
+    assert "HTTP 503" in result.stderr and "' Warsaw'" in result.stdout
+    assert len(openai_stub.requests) == 2
+
+
+def test_completion_script_gives_up_on_a_refused_connection_after_its_timeout() -> None:
+    with socket.socket() as unused:  # bound, never listening: connections to it are refused
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+        started = time.monotonic()
+        result = run_completion("--url", f"http://127.0.0.1:{port}", "--model", "x", "--timeout", "3")
+    assert result.returncode == 1, result.stderr
+    assert "trying again" in result.stderr and f"127.0.0.1:{port}/v1/completions" in result.stderr
+    assert 2 <= time.monotonic() - started < 20
+
+
+def test_completion_script_wants_an_address() -> None:
+    result = run_completion()
+    assert result.returncode == 2 and "--url http://host:port, or OPT_OPENAI_URL" in result.stderr, result.stderr
+
+
+def run_job_command(documents: list[dict[str, Any]], tmp_path: Path, url: str) -> subprocess.CompletedProcess:
+    """The Job's container command under sh, as the kubelet would run it, with the script at the chart's path."""
+    (container,) = pod_spec(documents, "Job")["containers"]
+    args = list(container["args"])
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "openai-completion")["mountPath"]
+    args[2] = args[2].replace(mount + "/", str(COMPLETION_SCRIPT.parent) + "/")
+    bin_dir = tmp_path / "bin"  # the image's python3, here this interpreter
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    env.update(OPT_OPENAI_URL=url, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(("client", "code", "completions"), [("true", 0, 1), ("false", 1, 0)])
+def test_test_jobs_command_runs_the_completion_only_after_the_client_succeeded(
+        openai_stub: OpenAIStub, tmp_path: Path, client: str, code: int, completions: int) -> None:
+    # `command` stands in for client.py: true succeeds and false fails, whatever flags follow.
+    documents = render("test", "jax-example-test", README_VALUES["test"] + (f"command={{{shutil.which(client)}}}",
+                                                                            "outputLength=3"))
+    result = run_job_command(documents, tmp_path, f"http://127.0.0.1:{openai_stub.server_address[1]}")
+    assert result.returncode == code, result.stderr
+    posts = [r for r in openai_stub.requests if r[0] == "POST"]
+    assert len(posts) == completions
+    if completions:
+        assert posts[0][3] == {"model": "facebook/opt-125m", "prompt": "The capital of Poland is", "max_tokens": 3}
+        assert "'Warsaw.'" in result.stdout
+
+
+def test_test_jobs_command_fails_when_the_answer_is_not_a_completion(openai_stub: OpenAIStub, tmp_path: Path) -> None:
+    openai_stub.completions = [(200, {"object": "list", "data": []})]
+    documents = render("test", "jax-example-test", README_VALUES["test"] + (f"command={{{shutil.which('true')}}}",))
+    result = run_job_command(documents, tmp_path, f"http://127.0.0.1:{openai_stub.server_address[1]}")
+    assert result.returncode == 1 and "not a text completion" in result.stderr, result.stderr
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # entrypoint.sh

@@ -127,12 +127,60 @@ less), else drainSeconds + 30.
 {{- end }}
 
 {{/*
-The server's --exit-timeout comes from statefulset.drainSeconds only, so that the grace period above follows it.
+Flags the chart sets from values, which statefulset.extraArgs may not carry: --exit-timeout, so that the grace
+period above follows statefulset.drainSeconds; the ports, so that the container and the Service name the ports
+rank 0 listens on; --api-key, so that the key stays in a Secret (a flag's value shows in the pod spec and in ps).
 */}}
 {{- define "multi-node.checkExtraArgs" -}}
+{{- $owned := dict
+      "--exit-timeout" "set statefulset.drainSeconds instead, which the termination grace period follows"
+      "--openai-port" "set service.ports.openai (or openai.enabled=false) instead, which the container and the Service follow"
+      "--generation-metrics-port" "set service.ports.generationMetrics instead, which the container, the Service and the scrape settings follow"
+      "--served-model-name" "set openai.servedModelName instead"
+      "--api-key" "name a Secret in openai.apiKeySecret instead, so that the key is not a plain value" }}
 {{- range .Values.statefulset.extraArgs }}
-{{- if regexMatch "^--exit-timeout(=.*)?$" . }}
-{{- fail "statefulset.extraArgs sets --exit-timeout: set statefulset.drainSeconds instead, which the termination grace period follows" }}
+{{- $flag := regexReplaceAll "=.*$" . "" }}
+{{- with get $owned $flag }}
+{{- fail (printf "statefulset.extraArgs sets %s: %s" $flag .) }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+The server's flags for rank 0's other listeners (the workers ignore them): the generation metrics always, the
+OpenAI-compatible API while openai.enabled (else --openai-port 0, none), and the API's second model name when it has one.
+*/}}
+{{- define "multi-node.listenerFlags" -}}
+{{- $ports := .Values.service.ports }}
+{{- $flags := list "--generation-metrics-port" (int $ports.generationMetrics | toString)
+      "--openai-port" (ternary (int $ports.openai) 0 .Values.openai.enabled | toString) }}
+{{- if and .Values.openai.enabled .Values.openai.servedModelName }}
+{{- $flags = concat $flags (list "--served-model-name" .Values.openai.servedModelName) }}
+{{- end }}
+{{- toJson $flags }}
+{{- end }}
+
+{{/*
+Every port of the pod differs from the others (a Service refuses two of one number), the JAX coordinator's too.
+*/}}
+{{- define "multi-node.checkPorts" -}}
+{{- $ports := .Values.service.ports }}
+{{- $numbers := list (int .Values.jaxPort) (int $ports.http) (int $ports.grpc) (int $ports.metrics) (int $ports.generationMetrics) }}
+{{- if .Values.openai.enabled }}
+{{- $numbers = append $numbers (int $ports.openai) }}
+{{- end }}
+{{- if ne (len $numbers) (len (uniq $numbers)) }}
+{{- fail (printf "jaxPort and service.ports give one port number to two listeners (%s): give each its own" (join ", " $numbers)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Prometheus' scrape annotations for the generation metrics (metrics.scrapeAnnotations). They go on <release>-service,
+which reaches rank 0 only, and not on the pods: every pod of the StatefulSet has the same annotations, and a worker
+serves no metrics, so a scrape of each pod would report every worker down.
+*/}}
+{{- define "multi-node.scrapeAnnotations" -}}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ int .Values.service.ports.generationMetrics | toString | quote }}
+prometheus.io/path: /metrics
 {{- end }}

@@ -95,12 +95,64 @@ less), else drainSeconds + 30.
 {{- end }}
 
 {{/*
-The server's --exit-timeout comes from deployment.drainSeconds only, so that the grace period above follows it.
+Flags the chart sets from values, which deployment.extraArgs may not carry: --exit-timeout, so that the grace
+period above follows deployment.drainSeconds; the ports, so that the container and the Service name the ports the
+server listens on; --api-key, so that the key stays in a Secret (a flag's value shows in the pod spec and in ps).
 */}}
 {{- define "single-node.checkExtraArgs" -}}
+{{- $owned := dict
+      "--exit-timeout" "set deployment.drainSeconds instead, which the termination grace period follows"
+      "--openai-port" "set service.ports.openai (or openai.enabled=false) instead, which the container and the Service follow"
+      "--generation-metrics-port" "set service.ports.generationMetrics instead, which the container, the Service and the scrape settings follow"
+      "--served-model-name" "set openai.servedModelName instead"
+      "--api-key" "name a Secret in openai.apiKeySecret instead, so that the key is not a plain value" }}
 {{- range .Values.deployment.extraArgs }}
-{{- if regexMatch "^--exit-timeout(=.*)?$" . }}
-{{- fail "deployment.extraArgs sets --exit-timeout: set deployment.drainSeconds instead, which the termination grace period follows" }}
+{{- $flag := regexReplaceAll "=.*$" . "" }}
+{{- with get $owned $flag }}
+{{- fail (printf "deployment.extraArgs sets %s: %s" $flag .) }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+The server's flags for its other listeners: the generation metrics always, the OpenAI-compatible API while
+openai.enabled (else --openai-port 0, none), and the API's second model name when it has one.
+*/}}
+{{- define "single-node.listenerFlags" -}}
+{{- $ports := .Values.service.ports }}
+{{- $flags := list "--generation-metrics-port" (int $ports.generationMetrics | toString)
+      "--openai-port" (ternary (int $ports.openai) 0 .Values.openai.enabled | toString) }}
+{{- if and .Values.openai.enabled .Values.openai.servedModelName }}
+{{- $flags = concat $flags (list "--served-model-name" .Values.openai.servedModelName) }}
+{{- end }}
+{{- toJson $flags }}
+{{- end }}
+
+{{/*
+Every port of the pod differs from the others (a Service refuses two of one number).
+*/}}
+{{- define "single-node.checkPorts" -}}
+{{- $ports := .Values.service.ports }}
+{{- $numbers := list (int $ports.http) (int $ports.grpc) (int $ports.metrics) (int $ports.generationMetrics) }}
+{{- if .Values.openai.enabled }}
+{{- $numbers = append $numbers (int $ports.openai) }}
+{{- end }}
+{{- if ne (len $numbers) (len (uniq $numbers)) }}
+{{- fail (printf "service.ports gives one port number to two listeners (%s): give each its own" (join ", " $numbers)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The pod's annotations: Prometheus' scrape annotations for the generation metrics while metrics.scrapeAnnotations,
+then deployment.podAnnotations, which win over them.
+*/}}
+{{- define "single-node.podAnnotations" -}}
+{{- $annotations := dict }}
+{{- if .Values.metrics.scrapeAnnotations }}
+{{- $annotations = dict
+      "prometheus.io/scrape" "true"
+      "prometheus.io/port" (int .Values.service.ports.generationMetrics | toString)
+      "prometheus.io/path" "/metrics" }}
+{{- end }}
+{{- toYaml (merge (deepCopy (.Values.deployment.podAnnotations | default dict)) $annotations) }}
 {{- end }}
