@@ -170,6 +170,7 @@ def parse_completion(body: Any, parser: RequestParser, names: Sequence[str], max
                                        length_name="max_tokens"))
             except BadRequest as error:
                 raise ApiError(400, str(error), param=_named_param(str(error))) from None
+            tokens = rows[-1].request.tokens  # a text prompt is tokenized once, for its first choice
     return Completion(model, tuple(rows), n, _stop(body), stream, bool(options.get("include_usage")),
                       _typed(body, "echo", (bool,), False))
 
