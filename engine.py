@@ -226,8 +226,9 @@ class Scheduler:
         self._metrics = metrics
         self._max_waiting = max_waiting  # rows; None: unbounded
         self._waiting: collections.deque[InFlight] = collections.deque()
-        # Asked for by other threads, done before a step: the error a row fails with, or None to end it as it is.
-        self._cancelled: list[tuple[InFlight, BaseException | None]] = []
+        # Ends asked for by other threads, done before a step: the error a row fails with, or None to finish it
+        # with the tokens it has.
+        self._ending: list[tuple[InFlight, BaseException | None]] = []
         self._refusal: Refused | None = None  # set by stop_accepting
         self._wake = threading.Condition()
         self._slots: list[InFlight | None] = [None] * self.shapes.slots
@@ -281,15 +282,16 @@ class Scheduler:
 
     def cancel(self, sequence: InFlight, error: BaseException) -> None:
         """Ends a request from any thread: it fails with `error` and its slot is freed before the next step."""
-        with self._wake:
-            self._cancelled.append((sequence, error))
-            self._wake.notify()
+        self._end_before_next_step(sequence, error)
 
     def end_early(self, sequence: InFlight) -> None:
         """Ends a request from any thread as finished with the tokens it has (its front end met a stop string):
         its future gets them, the metrics count it as ended on "stop", and its slot is freed before the next step."""
+        self._end_before_next_step(sequence, None)
+
+    def _end_before_next_step(self, sequence: InFlight, error: BaseException | None) -> None:
         with self._wake:
-            self._cancelled.append((sequence, None))
+            self._ending.append((sequence, error))
             self._wake.notify()
 
     def stop_accepting(self, refusal: Refused) -> None:
@@ -321,7 +323,7 @@ class Scheduler:
         """Ends every queued and running request with `error` before the next step (a drain's grace is over)."""
         with self._wake:
             for sequence in [*self._waiting, *(s for s in self._slots if s is not None)]:
-                self._cancelled.append((sequence, error))
+                self._ending.append((sequence, error))
             self._wake.notify()
 
     @property
@@ -407,7 +409,7 @@ class Scheduler:
         are read and ignored (the sequence is finished), as for a row that ended by itself.
         """
         with self._wake:
-            ending, self._cancelled = self._cancelled, []
+            ending, self._ending = self._ending, []
             for sequence in [*self._waiting, *(s for s in self._slots if s is not None)]:
                 if sequence.deadline is not None and now >= sequence.deadline:
                     ending.append((sequence, DeadlineExceeded(
