@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from machine import read_cpu  # noqa: E402  (beside this file)
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -282,14 +284,13 @@ def main() -> int:
 def cpu_line() -> str:
     """The CPU's model name, core count and whether it has AVX-512 BF16 (numbers depend on them)."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        cpu = read_cpu()
     except OSError:
         return "unknown"
-    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
-    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    flags = cpu.flags
     simd = "avx512_bf16" if "avx512_bf16" in flags else "avx512f" if "avx512f" in flags else \
         "avx2" if "avx2" in flags else "no avx2"
-    return f"{names[0] if names else 'unknown'} x {len(names)} ({simd})"
+    return f"{cpu.model or 'unknown'} x {cpu.logical_cpus} ({simd})"
 
 
 def simulate_cpu_devices(count: int) -> None:

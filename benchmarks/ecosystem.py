@@ -114,6 +114,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from machine import read_cpu  # noqa: E402
+
 PEERS = Path("/work/peers")
 TOOLS = ("load_grpc", "load_http", "aiperf_openai", "aiperf_triton", "perf_analyzer")
 SERVERS = ("openai-off", "openai-on")
@@ -154,9 +156,8 @@ class Target:
 
 def machine_info() -> dict[str, Any]:
     """CPU model and the flags that matter to XLA:CPU, cores, memory, date."""
-    lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
-    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    cpu = read_cpu()
+    model, flags = cpu.model, cpu.flags
     memory_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                       if line.startswith("MemTotal:"))
     return {"cpu_model": model, **{flag: flag in flags for flag in ("avx512_bf16", "avx2", "avx512f", "amx_bf16")},
@@ -220,22 +221,11 @@ def quiet_machine(lock: Path, wait_s: float, busy_limit: float) -> Iterator[dict
 # ---------------------------------------------------------------------------------------------------
 
 
-def model_stores(server: Any) -> set[Path]:
-    """PyTriton's /tmp/folder* model stores that the server's stubs run from."""
-    stores = set()
-    for process in server.group():
-        with contextlib.suppress(psutil.Error):
-            for part in process.cmdline():
-                match = re.match(r"(/tmp/folder[^/]+)/", part)
-                if match:
-                    stores.add(Path(match.group(1)))
-    return stores
-
-
 @contextlib.contextmanager
 def serving(name: str, work: Path, cache_dir: Path, model: str, *extra: str) -> Iterator[Target]:
     """A ready `server.py` (the original example's flags, free loopback ports) for the block; then stopped
     with SIGTERM, whatever outlives it killed and reported, its model stores removed."""
+    from reaper import stub_model_folders
     from serving import start_server, wait_ready
 
     token = secrets.token_urlsafe(24)
@@ -245,7 +235,7 @@ def serving(name: str, work: Path, cache_dir: Path, model: str, *extra: str) -> 
     try:
         begin = time.perf_counter()
         wait_ready(server, timeout=1800)
-        stores = model_stores(server)
+        stores = stub_model_folders(server.group())
         log(f"{name}: ready in {time.perf_counter() - begin:.0f} s (http {server.http_port}, grpc {server.grpc_port}, "
             f"openai {server.openai_port if '--openai-port' not in extra else 'off'})")
         yield Target(name, server, token, model)

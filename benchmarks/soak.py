@@ -68,6 +68,7 @@ from load import (HttpSender, LoadRun, Outcome, PromptBuilder, RequestSpec, Shor
 
 from client import (MODEL_NAME, STREAM_MODEL_NAME, Sampling, http_stream, request_inputs, triton_url,  # noqa: E402
                     wait_until_ready)
+from reaper import stub_model_folders  # noqa: E402
 
 HUNG_SHARE = 0.95  # a call that fails after this share of --timeout failed because of it: hung
 JOIN_GRACE_S = 30.0  # past duration + --timeout, a client thread still running is given up on
@@ -544,17 +545,6 @@ def started_group(args: argparse.Namespace) -> Iterator[list[Any]]:
                 rank.kill_group()
 
 
-def stub_folders(processes: Sequence[psutil.Process]) -> set[Path]:
-    """The model folders PyTriton copied for its stubs (/tmp/folderXXXX, from `.../1/model.py` arguments)."""
-    folders = set()
-    for process in processes:
-        with contextlib.suppress(psutil.Error):
-            command = process.cmdline()
-            if len(command) > 1 and "triton_python_backend_stub" in command[0]:
-                folders.add(Path(command[1]).parent.parent)
-    return folders
-
-
 def leftovers(ranks: Sequence[Any], folders: set[Path]) -> list[str]:
     """The ranks' processes still alive (command lines) and stub folders still there."""
     behind = []
@@ -567,7 +557,7 @@ def leftovers(ranks: Sequence[Any], folders: set[Path]) -> list[str]:
 def stop_group(ranks: Sequence[Any], timeout: float) -> dict[str, Any]:
     """SIGTERM to rank 0 (which stops every rank); each rank's exit status (None: still running after
     `timeout` s) and what of theirs is left 10 s later: processes, and the stubs' /tmp/folder* copies."""
-    folders = stub_folders([p for rank in ranks for p in session_processes(rank.process.pid)])
+    folders = stub_model_folders([p for rank in ranks for p in session_processes(rank.process.pid)])
     begin = time.perf_counter()
     if ranks[0].process.poll() is None:
         ranks[0].process.send_signal(signal.SIGTERM)

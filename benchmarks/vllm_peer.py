@@ -93,6 +93,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
+from machine import UNKNOWN_CPU, read_cpu  # beside this file, stdlib only like this one
+
 SERVED_MODEL_NAME = "opt-125m-random"
 KMP_SHM = Path("/dev/shm")
 TCMALLOC_CANDIDATES = (
@@ -522,10 +524,11 @@ def offline_worker(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 def machine_info() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").exists() else ""
-    lines = cpuinfo.splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
-    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    try:
+        cpu = read_cpu()
+    except OSError:
+        cpu = UNKNOWN_CPU
+    model, flags = cpu.model, cpu.flags
     kernels = "vllm._C" if "avx512_bf16" in flags else ("vllm._C_AVX512" if "avx512f" in flags else "vllm._C_AVX2")
     return {"cpu_model": model, "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
             "avx512f": "avx512f" in flags, "vllm_x86_kernel_library": kernels, "cpus": os.cpu_count(),
