@@ -198,8 +198,13 @@ def check_flags(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None
                      "e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
 
 
-class StopRequested(Exception):
-    """SIGTERM or SIGINT arrived before the server was serving: loading and compiling are abandoned."""
+class StopRequested(BaseException):
+    """SIGTERM or SIGINT arrived before the server was serving: loading and compiling are abandoned.
+
+    A BaseException, as KeyboardInterrupt is: the signal handler raises it wherever the main thread is, and
+    an `except Exception` there (logging's emit, a library's fallback) would otherwise swallow it and the
+    server would compile on and serve (seen once in CI).
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +214,7 @@ class Lifecycle:
 
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
     serving: threading.Event = dataclasses.field(default_factory=threading.Event)
+    signals: list[str] = dataclasses.field(default_factory=list)  # the names of those received, in order
 
     def install_signal_handlers(self) -> None:
         """SIGTERM (what Kubernetes sends) and SIGINT both stop the server cleanly.
@@ -220,11 +226,20 @@ class Lifecycle:
         signal.signal(signal.SIGINT, self._on_signal)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        LOGGER.info("received %s, stopping", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        LOGGER.info("received %s, stopping", name)
         already = self.stop.is_set()
+        self.signals.append(name)
         self.stop.set()
         if not self.serving.is_set() and not already:
-            raise StopRequested(signal.Signals(signum).name)
+            raise StopRequested(name)
+
+    def start_serving(self) -> None:
+        """From here a signal drains instead of interrupting. A signal that came before and whose
+        StopRequested was swallowed on its way out still stops the process here, before it serves."""
+        self.serving.set()
+        if self.stop.is_set():
+            raise StopRequested(self.signals[0] if self.signals else "a stop")
 
 
 def start_loading_tokenizer(config: ServerConfig) -> concurrent.futures.Future:
@@ -266,21 +281,25 @@ def serve(config: ServerConfig, runner: Any, model_config: Any, life: Lifecycle,
     engine_thread = engine.EngineThread.start(scheduler)
     parser = RequestParser(tokenizer, model_config.max_position_embeddings, model_config.vocab_size,
                            max_timeout=config.request_timeout or None)
-    life.serving.set()  # from here a signal drains instead of interrupting
+    life.start_serving()
     reaper = start_reaper()
     cancellation.install_stub_model()
     cancels = cancellation.CancelListener()  # before Triton starts: its stubs inherit the socket's path
-    openai = None
+    openai = triton = None
     try:
         begin = time.perf_counter()
         try:
+            # The OpenAI API is bound before Triton loads its models: Triton's readiness, which the charts'
+            # probes and client.py wait for, then means that this API answers too.
+            what = "the OpenAI API"
+            openai = openai_api.start(config, scheduler, parser, model_config.max_position_embeddings)
+            what = "Triton"
             triton = start_triton(config, make_infer_fn(scheduler, parser, cancels),
                                   make_stream_fn(scheduler, parser, cancels))
-        except Exception as error:  # after its retries: the engine, the group and the reaper still wind down
-            triton, problem = None, f"Triton did not start: {str(error).splitlines()[0]}"
+        except Exception as error:  # a port taken, Triton's retries spent: the rest still winds down
+            problem = f"{what} did not start: {str(error).splitlines()[0]}"
         else:
             log_ready(config, started, begin)
-            openai = openai_api.start(config, scheduler, parser, model_config.max_position_embeddings)
             problem = wait_for_stop(triton, scheduler, life.stop, group)
         wind_down(config, engine_thread, group, problem)
         if openai is not None:
@@ -346,7 +365,7 @@ def work(runner: Any, group: Group, life: Lifecycle, grace: float) -> int:
     requests in flight keep running until rank 0 says stop, or `grace` plus a margin has passed. A lost
     peer ends this process from the monitor's thread, wherever this loop is waiting.
     """
-    life.serving.set()  # from here a signal no longer interrupts: it starts a drain
+    life.start_serving()  # from here a signal no longer interrupts: it starts a drain
     group.announce_ready()
     LOGGER.info("rank %d ready: running the steps rank 0 sends", group.rank)
     previous, give_up = None, threading.Event()
