@@ -149,8 +149,10 @@ def wait_exit(server: ServerProcess, timeout: float) -> int:
         raise AssertionError(f"still running after {timeout} s:\n{server.log()[-3000:]}") from None
 
 
-def wait_ready(server: ServerProcess, timeout: float = 300, host: str = "127.0.0.1") -> None:
-    """Waits until Triton reports the model ready; fails with the log if the server dies first."""
+def wait_ready(server: ServerProcess, timeout: float = 300, host: str = "127.0.0.1",
+               models: Sequence[str] = ("OPT", "OPT_stream"), poll: float = 0.5) -> None:
+    """Waits until Triton reports `models` ready, asking every `poll` seconds; fails with the log if the
+    server dies first. OPT_stream loads a moment after OPT: by default a test may then use either."""
     import tritonclient.http as httpclient
 
     deadline = time.monotonic() + timeout
@@ -159,12 +161,12 @@ def wait_ready(server: ServerProcess, timeout: float = 300, host: str = "127.0.0
         while time.monotonic() < deadline:
             if server.process.poll() is not None:
                 raise AssertionError(f"server exited with {server.process.returncode}:\n{server.log()[-5000:]}")
-            try:  # OPT_stream loads a moment after OPT: a test may use either
-                if client.is_model_ready("OPT") and client.is_model_ready("OPT_stream"):
+            try:
+                if all(client.is_model_ready(model) for model in models):
                     return
-            except Exception:
+            except Exception:  # not listening yet
                 pass
-            time.sleep(0.5)
+            time.sleep(poll)
     finally:
         client.close()
     raise AssertionError(f"server not ready after {timeout} s:\n{server.log()[-5000:]}")

@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import openai
 import pytest
@@ -236,42 +236,13 @@ def test_sigterm_drains_the_front_end_as_it_drains_triton(tmp_path: Path, cache_
 def test_the_api_answers_from_the_moment_triton_reports_a_model_ready(tmp_path: Path, cache_dir: Path):
     """Triton's readiness is what the charts' probes and client.py wait for: the API is bound by then (it once
     was bound only after Triton's start returned, and a request right after client.py's was refused)."""
-    import tritonclient.http as httpclient
-
     srv = start_server(tmp_path, cache_dir)
-    triton = httpclient.InferenceServerClient(f"127.0.0.1:{srv.http_port}")
     try:
-        deadline = time.monotonic() + 300
-        while not _ready(triton, "OPT"):
-            assert srv.process.poll() is None and time.monotonic() < deadline, srv.log()[-3000:]
-            time.sleep(0.01)
+        wait_ready(srv, models=("OPT",), poll=0.01)  # the first model Triton reports, at once
         assert get(srv, "/health/ready")[0] == 200  # a refused connection raises here
     finally:
-        triton.close()
         srv.stop()
         srv.kill_group()
-
-
-def _ready(triton: Any, model: str) -> bool:
-    try:
-        return triton.is_model_ready(model)
-    except Exception:  # not listening yet
-        return False
-
-
-def test_a_taken_openai_port_winds_everything_down(tmp_path: Path, cache_dir: Path):
-    """The server says which listener failed and exits 1, its engine, reaper and Triton gone with it."""
-    import socket
-
-    with socket.create_server(("127.0.0.1", 0)) as taken:
-        srv = start_server(tmp_path, cache_dir, "--openai-port", str(taken.getsockname()[1]))
-        try:
-            assert srv.process.wait(timeout=300) == 1
-            assert srv.group() == [], f"left behind: {[p.cmdline() for p in srv.group()]}"
-            log = srv.log()
-            assert "stopping: the OpenAI API did not start" in log and "stub reaper stopped" in log, log[-3000:]
-        finally:
-            srv.kill_group()
 
 
 def test_openai_requests_beside_triton_requests_keep_their_text(server: ServerProcess):

@@ -179,17 +179,22 @@ def test_ipv6_serves_on_bind_address_any_and_the_client_reaches_it_at_its_bracke
         srv.kill_group()
 
 
-def test_a_triton_that_cannot_start_winds_everything_down(tmp_path: Path, cache_dir: Path):
-    """Its HTTP port taken: Triton fails its three starts; the server says so and exits 1, its engine,
-    reaper and stubs gone with it (the reaper used to outlive it, and a group's workers to wait)."""
+@pytest.mark.parametrize("flag, listener, timeout", [
+    ("--http-port", "Triton", 420),  # Triton fails its three starts first
+    ("--openai-port", "the OpenAI API", 300),
+])
+def test_a_listener_that_cannot_start_winds_everything_down(tmp_path: Path, cache_dir: Path, flag: str,
+                                                              listener: str, timeout: float):
+    """Its port taken: the server says which listener failed and exits 1, its engine, reaper, Triton and
+    stubs gone with it (the reaper used to outlive it, and a group's workers to wait)."""
     import socket
 
     with socket.create_server(("127.0.0.1", 0)) as taken:
-        srv = start_server(tmp_path, cache_dir, "--http-port", str(taken.getsockname()[1]))
+        srv = start_server(tmp_path, cache_dir, flag, str(taken.getsockname()[1]))
         try:
-            assert srv.process.wait(timeout=420) == 1
+            assert srv.process.wait(timeout=timeout) == 1
             assert srv.group() == [], f"left behind: {[p.cmdline() for p in srv.group()]}"
             log = srv.log()
-            assert "stopping: Triton did not start" in log and "stub reaper stopped" in log, log[-3000:]
+            assert f"stopping: {listener} did not start" in log and "stub reaper stopped" in log, log[-3000:]
         finally:
             srv.kill_group()
