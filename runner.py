@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -284,8 +284,11 @@ class SlotRunner:
     def _build(self, spec: ProgramSpec) -> None:
         self._programs[spec.key] = self.cache_store.build(spec)
 
-    def warm_up(self) -> float:
+    def warm_up(self, checkpoint: Callable[[], None] | None = None) -> float:
         """Loads or compiles every program, then allocates the slots. Returns seconds.
+
+        `checkpoint`, when given, runs on this thread after each program is built; what it raises abandons
+        the rest (the server's stops on a signal).
 
         Programs build in parallel threads: XLA compiles and loads without holding the GIL.
         XLA's default optimisation level everywhere: on the CPU, LLVM's level 1 halved compile time but made
@@ -298,6 +301,8 @@ class SlotRunner:
         try:
             for future in [pool.submit(self._build, spec) for spec in specs]:
                 future.result()
+                if checkpoint is not None:
+                    checkpoint()
         finally:  # a signal (StopRequested) or an error: drop the builds not started yet
             pool.shutdown(wait=True, cancel_futures=True)
         self.reset()
@@ -425,12 +430,13 @@ class Served:
 
 def build_runner(model_name: str, *, devices: Sequence[jax.Device], dtype: str = "auto", slots: int,
                  prefill_tokens: int = 4096, cache_dir: str | None = None, config: OPTConfig | None = None,
-                 shapes: SlotShapes | None = None) -> Served:
+                 shapes: SlotShapes | None = None, checkpoint: Callable[[], None] | None = None) -> Served:
     """The one way to bring a model up (server, benchmarks, tests): config, mesh over `devices`, model,
     weights (sharded over every device of every rank) and the runner, every program compiled or loaded.
 
     `dtype`: "auto" or a name (see opt_utils.resolve_dtype); `config` and `shapes` override the model's
-    own and those `slots` and `prefill_tokens` make (tests use small ones).
+    own and those `slots` and `prefill_tokens` make (tests use small ones). `checkpoint`, when given, runs
+    after the weights are loaded and after each program is built; what it raises abandons the rest.
     """
     keep_freed_memory()
     config = config or model_config(model_name, cache_dir)
@@ -443,6 +449,8 @@ def build_runner(model_name: str, *, devices: Sequence[jax.Device], dtype: str =
                                        prefill_tokens=prefill_tokens)
     programs = ProgramCache.under(cache_dir, mesh=mesh, config=config, dtype=resolved, shapes=shapes)
     params = load_weights(model_name, model, mesh, cache_dir=cache_dir, programs=programs)
+    if checkpoint is not None:
+        checkpoint()
     runner = SlotRunner(model=model, params=params, mesh=mesh, shapes=shapes, programs=programs)
-    compile_s = runner.warm_up()
+    compile_s = runner.warm_up(checkpoint)
     return Served(config, mesh, model, params, runner, compile_s)

@@ -203,7 +203,9 @@ class StopRequested(BaseException):
 
     A BaseException, as KeyboardInterrupt is: the signal handler raises it wherever the main thread is, and
     an `except Exception` there (logging's emit, a library's fallback) would otherwise swallow it and the
-    server would compile on and serve (seen once in CI).
+    server would compile on and serve (seen once in CI). Where Python itself swallows it (a gc callback,
+    a `__del__`: it only prints them, also seen in CI), Lifecycle.raise_if_stopped raises it again at the
+    loading's next checkpoint.
     """
 
 
@@ -234,12 +236,17 @@ class Lifecycle:
         if not self.serving.is_set() and not already:
             raise StopRequested(name)
 
-    def start_serving(self) -> None:
-        """From here a signal drains instead of interrupting. A signal that came before and whose
-        StopRequested was swallowed on its way out still stops the process here, before it serves."""
-        self.serving.set()
+    def raise_if_stopped(self) -> None:
+        """A checkpoint of the phases before serving: a stop whose StopRequested was swallowed where the
+        signal landed ends them here (after the weights, after each program built), not once they are done."""
         if self.stop.is_set():
             raise StopRequested(self.signals[0] if self.signals else "a stop")
+
+    def start_serving(self) -> None:
+        """From here a signal drains instead of interrupting; a stop that came before still stops the
+        process here, before it serves."""
+        self.serving.set()
+        self.raise_if_stopped()
 
 
 def start_loading_tokenizer(config: ServerConfig) -> concurrent.futures.Future:
@@ -448,7 +455,7 @@ def run(config: ServerConfig, life: Lifecycle, role: Callable[..., int], started
     try:
         if config.number_of_nodes > 1:
             group = join_group(config, serving=life.serving, take_signals_back=life.install_signal_handlers)
-        status = role(config, life, group, lambda: load_model(config), started)
+        status = role(config, life, group, lambda: load_model(config, life.raise_if_stopped), started)
     except StopRequested as signal_name:
         LOGGER.info("stopped by %s before serving", signal_name)
         if group:
@@ -461,15 +468,16 @@ def run(config: ServerConfig, life: Lifecycle, role: Callable[..., int], started
     return leave_group(group, status, clean=status == 0 and (config.rank == 0 or group.stopped_by_rank_0))
 
 
-def load_model(config: ServerConfig) -> Any:
-    """This rank's part of the model: weights on its devices, every program compiled or loaded."""
+def load_model(config: ServerConfig, checkpoint: Callable[[], None]) -> Any:
+    """This rank's part of the model: weights on its devices, every program compiled or loaded.
+    `checkpoint` runs between the steps on this (the main) thread and raises to abandon the loading."""
     from runner import build_runner  # jax and the device side: imported once the signal handlers are in
     from sharding import mesh_devices
 
     begin = time.perf_counter()
     served = build_runner(config.model_name, devices=mesh_devices(config.number_of_gpus), dtype=config.dtype,
                           slots=config.decode_slots, prefill_tokens=config.max_prefill_tokens,
-                          cache_dir=config.cache_dir)
+                          cache_dir=config.cache_dir, checkpoint=checkpoint)
     LOGGER.info("model loaded and warmed up in %.1f s", time.perf_counter() - begin)
     return served
 

@@ -157,6 +157,15 @@ def test_a_stop_swallowed_before_serving_still_stops_the_process_before_it_serve
         life.start_serving()
 
 
+def test_a_stop_swallowed_while_loading_ends_it_at_the_next_checkpoint(life: server_module.Lifecycle):
+    """CI saw the handler run inside jax's gc callback, where Python only prints what is raised: the server
+    compiled on for 24 s. load_model's checkpoint (after the weights, after each program) is this."""
+    assert _signal_inside(BaseException)
+    with pytest.raises(server_module.StopRequested, match="SIGTERM"):
+        life.raise_if_stopped()
+    assert not life.serving.is_set()
+
+
 def test_a_signal_once_serving_drains_instead_of_interrupting(life: server_module.Lifecycle):
     life.start_serving()
     assert not _signal_inside(BaseException)  # the sleep ran out: nothing was raised
